@@ -1,0 +1,138 @@
+"""Atomic, resumable checkpoints.
+
+Layout: ``<run_dir>/checkpoints/step_00000100/`` holding the engine's files (``model.pt`` ... or
+DeepSpeed's ``deepspeed/`` tag folder with per-rank ZeRO partitions), one ``rank_00000.pt`` per rank
+(RNG states and data position) and ``meta.json`` (step, samples seen, world size, config).
+
+Atomicity: every rank writes into ``step_XXXXXXXX.tmp``; after a barrier rank 0 writes
+``meta.json`` and renames the folder to its final name (a single ``rename``). A run killed at any
+point of a save leaves either the complete new checkpoint or a ``.tmp`` folder that is ignored (and
+removed by the next save), so ``resume latest`` always finds the last complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+FAULT_ENV = "HARNESS_FAULT_IN_CHECKPOINT_SAVE"
+"""Test hook: when set to a step number, the process exits after writing that step's files but before
+the checkpoint is made complete (a kill in the middle of saving)."""
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    """``run_dir / "checkpoints"``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Complete checkpoint folders under ``root``, oldest first (folder named ``step_N`` with ``meta.json``)."""
+    if not Path(root).is_dir():
+        return []
+    found = [p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under ``root``, or None."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) RNG states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, root: Path, step: int, meta: Dict[str, Any], rank_state: Dict[str, Any], rank: int,
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically (collective: every rank calls it). Returns the final folder.
+
+    Args:
+        engine: a :mod:`harness.engine` engine (``save(directory, rank)``).
+        root: checkpoints folder.
+        step: optimizer steps taken.
+        meta: JSON-serialisable run state written by rank 0 (``step``, ``samples_seen``, ``world_size``, ...).
+        rank_state: this rank's private state (RNG, data position), ``torch.save``-able.
+        rank: this process's rank.
+        keep_last: complete checkpoints to keep; older ones are deleted after this one is complete.
+    """
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if final.exists():  # already saved at this step (e.g. periodic save on the last step)
+        return final
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    engine.save(tmp, rank)
+    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+    if os.environ.get(FAULT_ENV) == str(step):
+        os._exit(17)  # simulated kill in the middle of a save (tests)
+    _barrier()
+    if rank == 0:
+        meta_tmp = tmp / "meta.json.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(meta_tmp, tmp / "meta.json")
+        os.replace(tmp, final)  # the commit point
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_meta(ckpt: Path) -> Dict[str, Any]:
+    """``meta.json`` of a checkpoint folder."""
+    return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def load_rank_state(ckpt: Path, rank: int) -> Dict[str, Any]:
+    """This rank's private state from checkpoint ``ckpt``."""
+    return torch.load(Path(ckpt) / f"rank_{rank:05d}.pt", weights_only=False)
+
+
+def load_model_state(ckpt: Path) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) model ``state_dict`` from a checkpoint of either engine, on the CPU.
+
+    For DeepSpeed ZeRO stages 0-2 the module weights are in ``deepspeed/mp_rank_00_model_states.pt``
+    (ZeRO-3 checkpoints need DeepSpeed's ``zero_to_fp32`` consolidation).
+
+    Raises:
+        FileNotFoundError: ``ckpt`` has no model weights of a known layout.
+    """
+    ckpt = Path(ckpt)
+    if (ckpt / "model.pt").is_file():
+        return torch.load(ckpt / "model.pt", map_location="cpu")
+    ds = ckpt / "deepspeed" / "mp_rank_00_model_states.pt"
+    if ds.is_file():
+        return torch.load(ds, map_location="cpu", weights_only=False)["module"]
+    raise FileNotFoundError(f"no model weights in checkpoint {ckpt}")

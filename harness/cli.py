@@ -1,0 +1,184 @@
+"""Command line: ``harness {train,data,models,config}`` and ``train.py``.
+
+``train.py`` (and ``harness train``) build the job config as: defaults <- preset YAML (``--config``,
+default ``digits``) <- named flags (``--model``, ``--micro-batch-size`` ...) <- generic overrides
+(``section.field=value`` positional or ``--set``). Config errors are printed as ``error: <field>: ...``
+with exit status 2, before any process group exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from harness.config import ConfigError, JobConfig, describe, from_dict, load_preset, merge, parse_override
+
+DEFAULT_PRESET = "digits"
+DIGITS_DIR = "data/digits"
+
+# flag -> dotted config key
+TRAIN_FLAGS = {
+    "--model": ("model.name", str, "registered model name (harness models)"),
+    "--train-data": ("data.train_data", str, "shards: folder, brace pattern, glob, .tar, or 'synthetic'"),
+    "--max-steps": ("train.max_steps", int, "stop after this many optimizer steps (schedule unchanged)"),
+    "--micro-batch-size": ("train.micro_batch_size", int, "per-rank batch of one forward/backward"),
+    "--global-batch-size": ("train.global_batch_size", int, "samples per optimizer step over all ranks"),
+    "--train-samples": ("train.train_samples", int, "training length in samples (sets the LR schedule)"),
+    "--epochs": ("train.epochs", float, "training length in epochs of the training data"),
+    "--precision": ("train.precision", str, "fp32 | bf16 | fp16"),
+    "--seed": ("train.seed", int, "seed for init, data order and augmentation"),
+    "--output-dir": ("output_dir", str, "parent folder of run directories"),
+    "--run-name": ("run_name", str, "run directory name (default: model name)"),
+    "--resume": ("checkpoint.resume", str, "'latest' or a checkpoint directory"),
+    "--zeroshot-data": ("eval.zeroshot_data", str, "ImageFolder directory for zero-shot eval ('none' to skip)"),
+}
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a CLIP model (run under accelerate launch for "
+                                "DeepSpeed / several processes). Extra arguments section.field=value override "
+                                "any config field (see --help-config).")
+    p.add_argument("--config", default=DEFAULT_PRESET, help=f"YAML preset path or name (default {DEFAULT_PRESET})")
+    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its doc and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    return p
+
+
+def build_config(argv: List[str], prog: str = "train.py") -> tuple:
+    """Parse ``argv`` into ``(JobConfig, parsed args)``.
+
+    Raises:
+        ConfigError: unknown key, bad value, missing preset.
+    """
+    args = _train_parser(prog).parse_args(argv)
+    data = load_preset(args.config) if args.config else {}
+    for flag, (key, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            if key == "eval.zeroshot_data" and str(value).lower() in ("none", "null", ""):
+                value = None
+            data = merge(data, parse_override(f"{key}=") if value is None else _nested(key, value))
+    for text in list(args.set) + list(args.overrides):
+        data = merge(data, parse_override(text))
+    return from_dict(data), args
+
+
+def _nested(key: str, value) -> Dict:
+    out: Dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def ensure_digits(out_dir: str = DIGITS_DIR) -> bool:
+    """Write the digits shards to ``out_dir`` unless present; safe when several ranks race (each writes a
+    private folder, one atomic rename wins). Returns True if this call wrote them."""
+    from harness.digits import write_digits
+
+    target = Path(out_dir)
+    if (target / "train").is_dir() and (target / "val").is_dir():
+        return False
+    tmp = Path(f"{out_dir}.tmp-{os.getpid()}")
+    write_digits(str(tmp))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+
+
+def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
+    """Entry of ``train.py`` / ``harness train``. Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, args = build_config(argv, prog)
+        if args.help_config:
+            print("\n".join(describe()))
+            return 0
+        if args.print_config:
+            import yaml
+            from harness.config import to_dict
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        # the embedded default dataset is made on first use
+        if cfg.data.train_data.rstrip("/") == f"{DIGITS_DIR}/train" or cfg.eval.zeroshot_data == f"{DIGITS_DIR}/val":
+            ensure_digits(DIGITS_DIR)
+        from harness.train import run
+
+        run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``harness`` console entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="harness", description="CLIP / ViT scaling harness")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="train a model (same flags as train.py)", add_help=False)
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dg = dsub.add_parser("digits", help="write the embedded digits dataset as img2dataset-style shards")
+    dg.add_argument("--out", default=DIGITS_DIR)
+    dg.add_argument("--num-shards", type=int, default=4)
+    dg.add_argument("--val-fraction", type=float, default=0.2)
+    dg.add_argument("--seed", type=int, default=0)
+    dc = dsub.add_parser("count", help="count samples in shards")
+    dc.add_argument("shards")
+    m = sub.add_parser("models", help="list registered models")
+    m.add_argument("--json", action="store_true")
+    sub.add_parser("config", help="list every job config field with its doc")
+    if argv[:1] == ["train"]:
+        return train_main(argv[1:], prog="harness train")
+    args = p.parse_args(argv)
+    if args.cmd == "data" and args.data_cmd == "digits":
+        from harness.digits import write_digits
+        try:
+            info = write_digits(args.out, args.num_shards, args.val_fraction, args.seed)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {info['train']} training samples in {info['shards']} shards to {args.out}/train and "
+              f"{info['val']} held-out images to {args.out}/val")
+        return 0
+    if args.cmd == "data" and args.data_cmd == "count":
+        from harness.data import count_samples, expand_shards
+        try:
+            shards = expand_shards(args.shards, "shards")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{count_samples(shards)} samples in {len(shards)} shards")
+        return 0
+    if args.cmd == "models":
+        import models
+        rows = [models.get_spec(n) for n in models.list_models()]
+        if args.json:
+            print(json.dumps([r.__dict__ for r in rows], indent=2))
+        else:
+            for r in rows:
+                print(f"{r.name:<14} {'tiny' if r.tiny else '    '}  {r.description}")
+        return 0
+    if args.cmd == "config":
+        print("\n".join(describe()))
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Training data: webdataset (1.x) shards in img2dataset's layout, and a synthetic source.
+
+Pipeline per data *role* (one role per DataLoader worker per rank)::
+
+    shard list (epoch-shuffled or resampled) -> this role's shards -> tar samples (webdataset,
+    errors counted) -> shuffle buffer (seeded) -> skip samples already trained on (resume)
+    -> decode image + caption (bad samples counted, skipped) -> open_clip preprocessing +
+    tokenization -> batches of ``micro_batch_size``
+
+Design points:
+
+* Ranks come from ``torch.distributed`` (or the launcher's ``RANK``/``WORLD_SIZE``), never from
+  Accelerate, whose process count is wrong on CPU under DeepSpeed (``../shared/design/environment.md``).
+* With at least as many shards as roles, shards are split between roles; with fewer, every role
+  reads all shards and keeps every ``n_roles``-th sample, so small datasets still give every rank data.
+* Each role's stream is endless (epoch after epoch), so ranks never run out at different steps and
+  deadlock in a collective; the trainer decides the length in samples.
+* Exact resume: every batch carries its role's position (epoch, raw samples consumed). The trainer
+  saves the position of the last batch it consumed per role; a resumed stream replays the role's
+  shuffle from the epoch start without decoding, skips to the position, and the DataLoader's
+  round-robin over workers is rotated so the next batch is the one the killed run would have seen.
+  Augmentation randomness is seeded per sample, not per worker process.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from harness.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+COUNTERS = ("read_errors", "corrupt", "incomplete")
+
+
+# --------------------------------------------------------------------------- shard lists
+
+def expand_shards(spec: str, field_name: str = "data.train_data") -> List[str]:
+    """Expand a shard spec into a sorted list of existing ``.tar`` paths.
+
+    ``spec`` is one or more (joined by ``::``) of: a folder (its ``*.tar`` files, img2dataset
+    output), a brace pattern ``dir/{00000..00099}.tar``, a glob, or a file.
+
+    Raises:
+        ConfigError: a path is missing or a folder holds no ``.tar``; the message names ``field_name``.
+    """
+    import braceexpand
+
+    out: List[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        p = Path(part)
+        if p.is_dir():
+            tars = sorted(str(x) for x in p.glob("*.tar"))
+            if not tars:
+                raise ConfigError(f"{field_name}: folder {part!r} holds no .tar shards")
+            out.extend(tars)
+            continue
+        for item in braceexpand.braceexpand(part):
+            if any(ch in item for ch in "*?["):
+                matches = sorted(glob.glob(item))
+                if not matches:
+                    raise ConfigError(f"{field_name}: pattern {item!r} matches no file")
+                out.extend(matches)
+            elif Path(item).is_file():
+                out.append(item)
+            else:
+                raise ConfigError(f"{field_name}: shard not found: {item!r} (from {spec!r})")
+    if not out:
+        raise ConfigError(f"{field_name}: no shards in {spec!r}")
+    return out
+
+
+def count_samples(shards: List[str]) -> int:
+    """Number of samples (keys with an image) in ``shards``.
+
+    Uses img2dataset's ``<shard>_stats.json`` (``successes``) when present, else lists the tar's
+    members without decoding (a truncated tar counts what is readable).
+    """
+    total = 0
+    for shard in shards:
+        stats = Path(shard[: -len(".tar")] + "_stats.json")
+        if stats.is_file():
+            try:
+                total += int(json.loads(stats.read_text())["successes"])
+                continue
+            except (ValueError, KeyError):
+                pass
+        keys = set()
+        try:
+            with tarfile.open(shard) as tf:
+                for member in tf:
+                    base, _, ext = member.name.rpartition(".")
+                    if ext.lower() in IMAGE_EXTS:
+                        keys.add(base)
+        except (tarfile.TarError, OSError):
+            pass
+        total += len(keys)
+    return total
+
+
+# --------------------------------------------------------------------------- roles and seeds
+
+def dist_info() -> tuple:
+    """``(rank, world_size)`` from ``torch.distributed`` if initialised, else the launcher's env."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _seed(*parts: Any) -> int:
+    """Stable 63-bit seed from ``parts`` (Python's ``hash`` is salted per process; crc32 is not)."""
+    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
+
+
+def _initial_state() -> Dict[str, int]:
+    return {"epoch": 0, "offset": 0, **{k: 0 for k in COUNTERS}}
+
+
+class ShardStream(IterableDataset):
+    """Endless stream of training batches from webdataset shards, resumable exactly.
+
+    Yields dicts: ``image`` float ``[B, 3, H, W]``, ``text`` int64 ``[B, context_length]``,
+    ``role`` (local role index), ``state`` (that role's position after this batch: ``epoch``,
+    ``offset`` = raw samples consumed in the epoch, and cumulative counters ``read_errors``,
+    ``corrupt``, ``incomplete``).
+
+    Args:
+        shards: shard paths (:func:`expand_shards`).
+        batch_size: micro batch (samples per yielded batch).
+        transform: PIL image -> ``[3, H, W]`` tensor.
+        tokenizer: list of ``B`` captions -> ``[B, context_length]``.
+        seed: base seed of shard order, shuffle buffer and augmentation.
+        rank, world_size: data-parallel position of this process.
+        num_workers: DataLoader workers per rank (0: in-process); each is one role.
+        resampled: draw shards with replacement instead of epoch passes.
+        shuffle_buffer: shuffle buffer size in samples (0: off).
+        resume: ``{"roles": {local_role: state}, "batches": consumed batches}`` from a checkpoint.
+    """
+
+    def __init__(self, shards: List[str], batch_size: int, transform: Callable, tokenizer: Callable, seed: int,
+                 rank: int, world_size: int, num_workers: int, resampled: bool = False,
+                 shuffle_buffer: int = 1000, resume: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.roles_per_rank = max(1, num_workers)
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        resume = resume or {}
+        self.role_states = {int(k): dict(v) for k, v in resume.get("roles", {}).items()}
+        # The DataLoader always starts with worker 0: rotate roles so worker 0 plays the role whose
+        # batch comes next in the interrupted run's round-robin order.
+        self.rotation = int(resume.get("batches", 0)) % self.roles_per_rank
+
+    @property
+    def n_roles(self) -> int:
+        return self.roles_per_rank * self.world_size
+
+    def _role(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return (worker + self.rotation) % self.roles_per_rank
+
+    def _epoch_shards(self, epoch: int, global_role: int) -> tuple:
+        """This role's shard list for ``epoch`` and the sample stride filter ``(keep_mod, keep_rem)``."""
+        if self.resampled:
+            rng = random.Random(_seed(self.seed, "resample", epoch, global_role))
+            return [rng.choice(self.shards) for _ in self.shards], None
+        order = list(self.shards)
+        random.Random(_seed(self.seed, "shards", epoch)).shuffle(order)
+        if len(order) >= self.n_roles:
+            return order[global_role:: self.n_roles], None
+        return order, (self.n_roles, global_role)
+
+    def _raw_samples(self, epoch: int, global_role: int, state: Dict[str, int],
+                     replaying: List[bool]) -> Iterator[Dict[str, Any]]:
+        """Undecoded samples of one epoch for this role, after the shuffle buffer.
+
+        ``replaying[0]`` is True while the trainer skips samples consumed before a resume."""
+        import webdataset as wds
+
+        shards, stride = self._epoch_shards(epoch, global_role)
+
+        def handler(exn: Exception) -> bool:
+            if not replaying[0]:  # counted once: the replay after a resume meets the same errors again
+                state["read_errors"] += 1
+                log.warning("data: skipped unreadable shard data: %s", exn)
+            return True
+
+        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": s} for s in shards]))
+        if stride is not None:
+            mod, rem = stride
+            samples = (s for i, s in enumerate(samples) if i % mod == rem)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                  seed=_seed(self.seed, "buffer", epoch, global_role))(samples)
+        return samples
+
+    def _decode(self, sample: Dict[str, Any], state: Dict[str, int], aug_seed: int):
+        from PIL import Image
+
+        img_key = next((k for k in IMAGE_EXTS if k in sample), None)
+        if img_key is None or "txt" not in sample:
+            state["incomplete"] += 1
+            return None
+        try:
+            with Image.open(io.BytesIO(sample[img_key])) as im:
+                im = im.convert("RGB")
+            caption = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                image = self.transform(im)
+        except Exception as exn:  # PIL raises many types for corrupt/truncated files
+            state["corrupt"] += 1
+            log.warning("data: skipped corrupt sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exn)
+            return None
+        return image, caption
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        role = self._role()
+        global_role = self.rank * self.roles_per_rank + role
+        state = dict(self.role_states.get(role, _initial_state()))
+        images: List[torch.Tensor] = []
+        captions: List[str] = []
+        while True:
+            epoch, skip = state["epoch"], state["offset"]
+            good_in_epoch = 0
+            replaying = [skip > 0]
+            for i, sample in enumerate(self._raw_samples(epoch, global_role, state, replaying)):
+                if i < skip:
+                    continue  # consumed before the checkpoint: replayed for the shuffle, not decoded
+                replaying[0] = False
+                state["offset"] = i + 1
+                decoded = self._decode(sample, state, _seed(self.seed, "aug", epoch, global_role, i))
+                if decoded is None:
+                    continue
+                good_in_epoch += 1
+                images.append(decoded[0])
+                captions.append(decoded[1])
+                if len(images) == self.batch_size:
+                    yield {"image": torch.stack(images), "text": self.tokenizer(captions),
+                           "role": role, "state": dict(state)}
+                    images, captions = [], []
+            if good_in_epoch == 0 and skip == 0:
+                raise RuntimeError(f"data.train_data: data role {global_role} read a whole epoch of "
+                                   f"{len(self._epoch_shards(epoch, global_role)[0])} shard(s) without one valid "
+                                   f"sample (counters: {state})")
+            state = {**state, "epoch": epoch + 1, "offset": 0}
+
+
+class SyntheticStream(IterableDataset):
+    """Endless random batches of exact shapes, for probes and benchmarks (no decoding cost).
+
+    Yields dicts like :class:`ShardStream`: ``image`` ``[B, 3, H, W]`` standard-normal floats,
+    ``text`` ``[B, context_length]`` random token ids in ``[1, vocab_size)``, ``role`` 0, ``state``
+    with ``offset`` = batches produced.
+    """
+
+    def __init__(self, batch_size: int, image_size: int, context_length: int, vocab_size: int, seed: int,
+                 rank: int, resume: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.batch_size, self.image_size = batch_size, image_size
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.seed, self.rank = seed, rank
+        self.start = int((resume or {}).get("batches", 0))
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            g = torch.Generator().manual_seed(_seed(self.seed, "synthetic", self.rank, i))
+            i += 1
+            yield {"image": torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g),
+                   "text": torch.randint(1, self.vocab_size, (self.batch_size, self.context_length), generator=g),
+                   "role": 0, "state": {**_initial_state(), "offset": i}}
+
+
+class DataTracker:
+    """Trainer-side record of data positions and bad-sample counters of consumed batches.
+
+    ``update(batch)`` after each consumed batch; ``state_dict()`` is what a checkpoint stores per rank
+    and what :class:`ShardStream` takes as ``resume``.
+    """
+
+    def __init__(self, resume: Optional[Dict[str, Any]] = None):
+        resume = resume or {}
+        self.roles: Dict[int, Dict[str, int]] = {int(k): dict(v) for k, v in resume.get("roles", {}).items()}
+        self.batches = int(resume.get("batches", 0))
+
+    def update(self, batch: Dict[str, Any]) -> None:
+        self.roles[int(batch["role"])] = dict(batch["state"])
+        self.batches += 1
+
+    def counters(self) -> Dict[str, int]:
+        """Bad samples skipped so far on this rank, by kind (``read_errors``, ``corrupt``, ``incomplete``)."""
+        return {k: sum(s.get(k, 0) for s in self.roles.values()) for k in COUNTERS}
+
+    def epoch(self) -> int:
+        """Lowest epoch any role of this rank is in."""
+        return min((s["epoch"] for s in self.roles.values()), default=0)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"roles": {str(k): v for k, v in self.roles.items()}, "batches": self.batches}
+
+
+def _worker_init(_):
+    # one intra-op thread per worker: decoding is per-sample and the trainer owns the cores
+    torch.set_num_threads(1)
+
+
+def build_train_loader(data_cfg, model_name: str, micro_batch_size: int, seed: int, rank: int, world_size: int,
+                       resume: Optional[Dict[str, Any]] = None) -> DataLoader:
+    """DataLoader over :class:`ShardStream` (or :class:`SyntheticStream` for ``train_data: synthetic``).
+
+    Args:
+        data_cfg: :class:`harness.config.DataConfig`.
+        model_name: registered model (sets image size, transform, tokenizer).
+        micro_batch_size: samples per batch.
+        seed: base seed.
+        rank, world_size: data-parallel position (from ``torch.distributed``).
+        resume: :meth:`DataTracker.state_dict` of the checkpoint, or None.
+    """
+    import models
+
+    if data_cfg.train_data == "synthetic":
+        arch = models.architecture(model_name)["text_cfg"]
+        ds = SyntheticStream(micro_batch_size, models.image_size(model_name), models.context_length(model_name),
+                             arch.get("vocab_size", 49408), seed, rank, resume)
+        return DataLoader(ds, batch_size=None, num_workers=0)
+    ds = ShardStream(expand_shards(data_cfg.train_data), micro_batch_size,
+                     models.image_transform(model_name, is_train=True), models.get_tokenizer(model_name), seed,
+                     rank, world_size, data_cfg.num_workers, data_cfg.resampled, data_cfg.shuffle_buffer, resume)
+    kwargs = {}
+    if data_cfg.num_workers > 0:
+        kwargs = dict(num_workers=data_cfg.num_workers, worker_init_fn=_worker_init, prefetch_factor=4,
+                      persistent_workers=False)
+    return DataLoader(ds, batch_size=None, **kwargs)
+
+
+def epoch_samples(data_cfg) -> Optional[int]:
+    """Samples in one epoch of the training data (``data.train_num_samples`` or counted); None for synthetic
+    data without ``train_num_samples``."""
+    if data_cfg.train_num_samples is not None:
+        return data_cfg.train_num_samples
+    if data_cfg.train_data == "synthetic":
+        return None
+    return count_samples(expand_shards(data_cfg.train_data))

@@ -1,0 +1,64 @@
+"""Metrics: JSON-lines log, step timing with warm-up exclusion, peak memory."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+class JsonlWriter:
+    """Append one JSON object per line to ``path`` (rank 0 only; other ranks pass ``enabled=False``)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._f = open(self.path, "a", buffering=1) if enabled else None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self._f:
+            self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+
+
+class StepTimer:
+    """Optimizer-step wall times in seconds; the first ``warmup`` steps of this process are excluded
+    from averages (first steps include allocator growth, worker start-up, kernel selection)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.times: List[float] = []
+        self.data_wait: List[float] = []
+
+    def add(self, step_time_s: float, data_wait_s: float) -> None:
+        self.times.append(step_time_s)
+        self.data_wait.append(data_wait_s)
+
+    @property
+    def excluded(self) -> int:
+        """Steps actually excluded (fewer than ``warmup`` if the run was shorter than warm-up + 1 steps)."""
+        return min(self.warmup, max(len(self.times) - 1, 0))
+
+    def avg_step_time_s(self) -> Optional[float]:
+        kept = self.times[self.excluded:]
+        return sum(kept) / len(kept) if kept else None
+
+    def data_wait_fraction(self) -> Optional[float]:
+        kept_t, kept_w = self.times[self.excluded:], self.data_wait[self.excluded:]
+        return sum(kept_w) / sum(kept_t) if kept_t and sum(kept_t) > 0 else None
+
+
+def peak_memory_gib(device: torch.device) -> tuple:
+    """``(peak GiB, kind)``: CUDA ``max_memory_allocated`` on a GPU, else the process's peak RSS
+    (``ru_maxrss``, which on CPU includes the Python runtime and libraries, not just tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return rss * scale / 2**30, "cpu_max_rss"

@@ -1,0 +1,148 @@
+"""Model registry: named CLIP architectures (open_clip text tower + ViT image tower).
+
+Models here are plain ``nn.Module``s built by open_clip from JSON architecture configs
+(``open_clip.create_model``, random init, never a weight download). They know nothing about
+Accelerate, DeepSpeed or ``torch.distributed``: precision, sharding and checkpointing are applied
+from ``harness/`` (the torchtitan habit of parallelising a plain model afterwards).
+
+Registered names:
+
+* ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-H-14``: open_clip's own architectures
+  (224 px; 336 px variants are not registered).
+* ``ViT-tiny-8``: 32 px images, patch 8, width 128, 4 image / 3 text layers (~7.8M parameters, most
+  of them the 49,408 x 128 token embedding). The demo default; trains on CPU in minutes.
+* ``ViT-micro-8``: 16 px, width 32, for tests (forward + backward in milliseconds on CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import open_clip
+from torch import nn
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered model.
+
+    Attributes:
+        name: registry name, also the open_clip config name.
+        family: ``"vit"`` (later ``"dtp-vit"``).
+        tiny: True for the CPU-sized variants used by the demo and the tests.
+        description: one line for ``harness models``.
+    """
+
+    name: str
+    family: str
+    tiny: bool
+    description: str
+
+
+_REGISTRY: Dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    """Add ``spec`` to the registry; its name must have an open_clip config (built-in or ours)."""
+    if open_clip.get_model_config(spec.name) is None:
+        raise ValueError(f"model {spec.name!r} has no open_clip architecture config")
+    _REGISTRY[spec.name] = spec
+
+
+for _name, _desc in [
+    ("ViT-B-32", "ViT-B/32 image tower, 224 px, 50 tokens; 12-layer 512-wide text tower"),
+    ("ViT-B-16", "ViT-B/16 image tower, 224 px, 197 tokens; 12-layer 512-wide text tower"),
+    ("ViT-L-14", "ViT-L/14 image tower, 224 px, 257 tokens; 12-layer 768-wide text tower"),
+    ("ViT-H-14", "ViT-H/14 image tower, 224 px, 257 tokens; 24-layer 1024-wide text tower"),
+]:
+    register(ModelSpec(_name, "vit", False, _desc))
+register(ModelSpec("ViT-tiny-8", "vit", True, "tiny CPU model, 32 px, patch 8, width 128 (demo default)"))
+register(ModelSpec("ViT-micro-8", "vit", True, "micro CPU model for tests, 16 px, patch 8, width 32"))
+
+
+def list_models() -> List[str]:
+    """Registered model names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Return the :class:`ModelSpec` for ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the registered names.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"model.name: unknown model {name!r}; registered models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def architecture(name: str) -> dict:
+    """The open_clip architecture dict of ``name`` (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+    get_spec(name)
+    return open_clip.get_model_config(name)
+
+
+def create_model(name: str) -> nn.Module:
+    """Build the CLIP model ``name`` with random weights, in fp32, on the CPU.
+
+    The model's ``forward(image [B, 3, H, W], text [B, context_length] int64)`` returns a dict with
+    ``image_features`` and ``text_features`` (both ``[B, embed_dim]``, L2-normalised) and
+    ``logit_scale`` (shape ``[1]``, the log of the inverse temperature's exponent base, as in CLIP).
+
+    ``logit_scale`` is reshaped from CLIP's 0-dim parameter to shape ``[1]``: 0-dim parameters crash
+    DeepSpeed ZeRO-3's parameter broadcast and FSDP2 (``../shared/design/environment.md``).
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    get_spec(name)
+    model = open_clip.create_model(name, pretrained=None, output_dict=True)
+    if model.logit_scale.dim() == 0:
+        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+    return model
+
+
+def image_transform(name: str, is_train: bool) -> Callable:
+    """open_clip's preprocessing for ``name``: PIL image -> float tensor ``[3, H, W]``, normalised.
+
+    Training adds open_clip's default ``RandomResizedCrop(scale=(0.9, 1.0))``.
+    """
+    cfg = architecture(name)["vision_cfg"]
+    size = cfg["image_size"]
+    return open_clip.image_transform(size, is_train=is_train)
+
+
+def get_tokenizer(name: str) -> Callable:
+    """open_clip's tokenizer for ``name`` (BPE vocabulary shipped in the package, works offline).
+
+    Returns a callable: list of ``str`` (length B) -> int64 tensor ``[B, context_length]``.
+    """
+    get_spec(name)
+    return open_clip.get_tokenizer(name)
+
+
+def context_length(name: str) -> int:
+    """Text context length (tokens) of ``name``."""
+    return architecture(name)["text_cfg"].get("context_length", 77)
+
+
+def image_size(name: str) -> int:
+    """Square input image side (pixels) of ``name``."""
+    size = architecture(name)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "ModelSpec", "register", "list_models", "get_spec", "architecture", "create_model",
+    "image_transform", "get_tokenizer", "context_length", "image_size", "count_parameters",
+    "CONFIG_DIR",
+]

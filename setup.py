@@ -1,0 +1,37 @@
+"""Install: ``pip install -e .`` (``make install`` does it in ``.venv`` with the pinned versions of
+``constraints.txt``). Read ``../shared/design/environment.md``: the registry's regular torch +
+torchvision builds are used (they run on CPU-only machines too); the CPU-only torch wheel breaks
+torchvision's operators."""
+from setuptools import find_packages, setup
+
+setup(
+    name="clip-scaling-harness",
+    version="0.1.0",
+    description="Scaling harness for CLIP-style vision transformers: DeepSpeed/FSDP training, fit probes, reports",
+    python_requires=">=3.10",
+    packages=find_packages(include=["harness", "harness.*", "models", "models.*"]),
+    package_data={"models": ["configs/*.json"], "harness": ["presets/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "open_clip_torch>=2.24",
+        "timm>=1.0",
+        "accelerate>=1.0",
+        "deepspeed>=0.15",
+        "transformers>=4.40",  # Accelerate's DeepSpeed integration checks its version
+        "webdataset>=1.0,<2",
+        "braceexpand",
+        "fvcore",
+        "scikit-learn",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "flash": ["flash-attn>=2.5"],  # CUDA only; built from source, optional
+    },
+    entry_points={"console_scripts": ["harness=harness.cli:main"]},
+)
