@@ -21,7 +21,7 @@ data: install
 
 # The main job: 2 processes, DeepSpeed ZeRO-2 (gloo on a CPU-only machine), digits demo, zero-shot eval.
 demo: data
-	$(LAUNCH) train.py --config digits --run-name digits-demo --resume latest
+	$(LAUNCH) train.py --config digits --run-name digits-demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PY) -m pytest -q tests

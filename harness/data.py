@@ -42,7 +42,7 @@ from harness.config import ConfigError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-COUNTERS = ("read_errors", "corrupt", "incomplete")
+COUNTERS = ("read_errors", "truncated_shards", "corrupt", "incomplete")
 
 
 # --------------------------------------------------------------------------- shard lists
@@ -113,6 +113,21 @@ def count_samples(shards: List[str]) -> int:
     return total
 
 
+def tar_is_complete(path: str) -> bool:
+    """False when a local tar file lacks the end-of-archive marker (two zero 512-byte blocks after the
+    last member, within a file whose size is a multiple of 512), i.e. it was cut short (e.g. a
+    download or copy killed mid-file). Non-local URLs are assumed complete."""
+    p = Path(path)
+    if not p.is_file():
+        return True
+    size = p.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with open(p, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
 # --------------------------------------------------------------------------- roles and seeds
 
 def dist_info() -> tuple:
@@ -138,7 +153,7 @@ class ShardStream(IterableDataset):
 
     Yields dicts: ``image`` float ``[B, 3, H, W]``, ``text`` int64 ``[B, context_length]``,
     ``role`` (local role index), ``state`` (that role's position after this batch: ``epoch``,
-    ``offset`` = raw samples consumed in the epoch, and cumulative counters ``read_errors``,
+    ``offset`` = raw samples consumed in the epoch, and cumulative counters ``read_errors``, ``truncated_shards``,
     ``corrupt``, ``incomplete``).
 
     Args:
@@ -209,7 +224,15 @@ class ShardStream(IterableDataset):
                 log.warning("data: skipped unreadable shard data: %s", exn)
             return True
 
-        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": s} for s in shards]))
+        def urls():
+            for shard in shards:
+                if not replaying[0] and not tar_is_complete(shard):
+                    # tarfile's stream reader ends silently at a cut header: count it here
+                    state["truncated_shards"] += 1
+                    log.warning("data: shard %s is truncated; using the samples before the cut", shard)
+                yield {"url": shard}
+
+        samples = wds.tarfile_to_samples(handler=handler)(urls())
         if stride is not None:
             mod, rem = stride
             samples = (s for i, s in enumerate(samples) if i % mod == rem)
@@ -313,7 +336,8 @@ class DataTracker:
         self.batches += 1
 
     def counters(self) -> Dict[str, int]:
-        """Bad samples skipped so far on this rank, by kind (``read_errors``, ``corrupt``, ``incomplete``)."""
+        """Bad data met so far on this rank, by kind (``read_errors``, ``truncated_shards``, ``corrupt``,
+        ``incomplete``)."""
         return {k: sum(s.get(k, 0) for s in self.roles.values()) for k in COUNTERS}
 
     def epoch(self) -> int:

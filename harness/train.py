@@ -135,6 +135,10 @@ def _evaluate(cfg: JobConfig, engine, device: torch.device) -> Dict[str, float]:
 
 def setup_logging(rank: int) -> None:
     """Our INFO lines on rank 0 only; libraries (open_clip logs to the root logger) at WARNING."""
+    import warnings
+
+    # open_clip's gather-with-grad uses torch.distributed.nn.all_gather, deprecated but correct
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
     for name in ("harness", "harness.data", "harness.engine"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -266,7 +270,8 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             save(step)
     bar.close()
-    if cfg.checkpoint.save_final and step > start_step:
+    if cfg.checkpoint.save_final and step > start_step and not (cfg.checkpoint.every_steps and
+                                                                step % cfg.checkpoint.every_steps == 0):
         save(step)
     if cfg.eval.zeroshot_data:
         evals = _evaluate(cfg, engine, device)
