@@ -58,7 +58,7 @@ def build_config(argv: List[str], prog: str = "train.py") -> tuple:
     Raises:
         ConfigError: unknown key, bad value, missing preset.
     """
-    args = _train_parser(prog).parse_args(argv)
+    args = _train_parser(prog).parse_intermixed_args(argv)
     data = load_preset(args.config) if args.config else {}
     for flag, (key, _, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))

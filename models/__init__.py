@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import open_clip
+import torch
 from torch import nn
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -86,8 +87,9 @@ def architecture(name: str) -> dict:
     return open_clip.get_model_config(name)
 
 
-def create_model(name: str) -> nn.Module:
-    """Build the CLIP model ``name`` with random weights, in fp32, on the CPU.
+def create_model(name: str, device: str = "cpu") -> nn.Module:
+    """Build the CLIP model ``name`` with random weights, in fp32, on ``device`` (``"meta"``: shapes
+    only, no memory, for counting parameters of large models).
 
     The model's ``forward(image [B, 3, H, W], text [B, context_length] int64)`` returns a dict with
     ``image_features`` and ``text_features`` (both ``[B, embed_dim]``, L2-normalised) and
@@ -100,7 +102,11 @@ def create_model(name: str) -> nn.Module:
         ValueError: unknown ``name``.
     """
     get_spec(name)
-    model = open_clip.create_model(name, pretrained=None, output_dict=True)
+    if device == "meta":
+        with torch.device("meta"):
+            model = open_clip.create_model(name, pretrained=None, output_dict=True, device="meta")
+    else:
+        model = open_clip.create_model(name, pretrained=None, output_dict=True, device=device)
     if model.logit_scale.dim() == 0:
         model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
     return model
