@@ -130,3 +130,20 @@ def test_digits_shards_have_img2dataset_layout(digits_dir):
     from harness.digits import CLASS_NAMES
     assert CLASS_NAMES[meta["label"]] in caption
     assert count_samples(shards) + sum(1 for _ in (digits_dir / "val").rglob("*.png")) == 1797
+
+
+def test_resampled_shards_draw_with_replacement_per_role(tmp_path):
+    write_shards(tmp_path, n_shards=4, per_shard=4)
+    shards = expand_shards(str(tmp_path))
+
+    def draws(rank):
+        ds = ShardStream(shards, 4, models.image_transform(MODEL, is_train=False), lambda c: list(c), 0, rank, 2, 0,
+                         resampled=True, shuffle_buffer=0)
+        return [tuple(b["text"]) for _, b in zip(range(12), ds)]
+
+    r0, r1 = draws(0), draws(1)
+    assert r0 != r1  # each rank draws its own shard sequence
+    assert r0 == draws(0)  # and deterministically
+    from collections import Counter
+    per_shard = Counter(b[0].split()[-1][:5] for b in r0)
+    assert sorted(per_shard.values()) != [3, 3, 3, 3]  # epoch-wise passes would read each shard exactly 3 times
