@@ -125,6 +125,42 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
     return 0
 
 
+def _flops(args) -> int:
+    import models
+    from harness.checkpoint import load_model_state
+    from harness.flops import load_images, model_gmacs
+
+    for name in args.model:
+        try:
+            models.get_spec(name)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.checkpoint and len(args.model) != 1:
+        print("error: --checkpoint: give exactly one --model", file=sys.stderr)
+        return 2
+    if args.images and not Path(args.images).is_dir():
+        print(f"error: --images: {args.images!r} is not a directory", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.model:
+        images = load_images(args.images, name, args.num_images) if args.images else None
+        state = load_model_state(Path(args.checkpoint)) if args.checkpoint else None
+        rows.append(model_gmacs(name, images, state))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("forward cost per sample, fvcore with attention counted; unit GMACs (1 multiply-add = 1; GFLOPs = 2 x GMACs)")
+    print(f"{'model':<24} {'image GMACs':>12} {'measured':>9} {'SF nominal':>10} {'SF measured':>11} {'text GMACs':>11}")
+    for r in rows:
+        meas = r.get("image_gmacs_measured")
+        sfn, sfm = r.get("shortening_factor_nominal"), r.get("shortening_factor_measured")
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"{r['model']:<24} {r['image_gmacs']:>12.3f} {fmt(meas, '>9.3f')} {fmt(sfn, '>10.2f')} "
+              f"{fmt(sfm, '>11.2f')} {r['text_gmacs']:>11.3f}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``harness`` console entry point."""
     argv = sys.argv[1:] if argv is None else argv
@@ -143,6 +179,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     m = sub.add_parser("models", help="list registered models")
     m.add_argument("--json", action="store_true")
     sub.add_parser("config", help="list every job config field with its doc")
+    f = sub.add_parser("flops", help="forward GMACs of the image and text towers (fvcore, attention counted)")
+    f.add_argument("--model", action="append", required=True, help="registered model (repeatable)")
+    f.add_argument("--images", help="ImageFolder directory: DTP-ViT cost measured on these real images")
+    f.add_argument("--num-images", type=int, default=16, help="images used for the measured cost")
+    f.add_argument("--checkpoint", help="checkpoint folder whose weights to use (one --model)")
+    f.add_argument("--json", action="store_true")
     if argv[:1] == ["train"]:
         return train_main(argv[1:], prog="harness train")
     args = p.parse_args(argv)
@@ -177,6 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd == "config":
         print("\n".join(describe()))
         return 0
+    if args.cmd == "flops":
+        return _flops(args)
     return 1
 
 

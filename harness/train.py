@@ -114,17 +114,30 @@ def clip_loss_fn(rank: int, world: int):
     return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
 
 
-def train_step(engine, loss_fn, batch: Dict[str, Any], device: torch.device) -> torch.Tensor:
-    """One micro batch: forward, contrastive loss (fp32), backward. Returns the detached loss.
+def train_step(engine, loss_fn, batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
+    """One micro batch: forward, contrastive loss (fp32) + the image tower's extra losses, backward.
 
     Features and ``logit_scale`` are cast to fp32 before the loss, and the scale is clamped at 100
     (CLIP's bound on the inverse temperature, applied in the loss so it holds under any sharding).
+    An image tower with ``extra_losses()`` (DTP-ViT's weighted boundary loss) adds them to the loss;
+    one with ``last_stats`` (DTP-ViT's shortening factor, boundary rate, segment counts) has them
+    reported.
+
+    Returns:
+        Detached fp32 scalars: ``loss`` (contrastive), each extra loss, and the tower's stats.
     """
     out = engine.forward(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
     scale = out["logit_scale"].float().clamp(max=100.0)
     loss = loss_fn(out["image_features"].float(), out["text_features"].float(), scale)
-    engine.backward(loss)
-    return loss.detach()
+    visual = engine.module.visual
+    extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
+    total = loss + sum(v.float() for v in extras.values()) if extras else loss
+    engine.backward(total)
+    report = {"loss": loss.detach()}
+    report.update({k: v.detach().float() for k, v in extras.items()})
+    for k, v in getattr(visual, "last_stats", {}).items():
+        report.setdefault(k, v.float())
+    return report
 
 
 def _evaluate(cfg: JobConfig, engine, device: torch.device) -> Dict[str, float]:
@@ -232,16 +245,18 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
     start_step = step
     last_loss = float("nan")
     evals: Dict[str, float] = {}
+    interval: Dict[str, list] = {}  # per-micro-batch scalars since the last log line
     while step < stop_step:
         t0 = time.perf_counter()
-        wait, losses = 0.0, []
+        wait = 0.0
         stepped = False
         while not stepped:
             tw = time.perf_counter()
             batch = next(it)
             wait += time.perf_counter() - tw
             tracker.update(batch)
-            losses.append(train_step(engine, loss_fn, batch, device))
+            for k, v in train_step(engine, loss_fn, batch, device).items():
+                interval.setdefault(k, []).append(v)
             stepped = engine.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # honest step time: wait for the GPU
@@ -249,19 +264,29 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
         timer.add(time.perf_counter() - t0, wait)
         if step % cfg.train.log_every_steps == 0 or step == stop_step:
             counters = tracker.counters()
-            reduced = _reduce([torch.stack(losses).mean().item(), *counters.values()], "sum", device)
-            last_loss = reduced[0] / world  # mean over ranks of each rank's mean micro-batch loss
-            bad = {k: int(v) for k, v in zip(counters, reduced[1:])}
+            # means over the micro batches since the last log line, then over ranks (one reduction)
+            means = {k: (torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()).item()
+                     for k, v in interval.items()}
+            maxes = {k: v for k, v in means.items() if k.endswith("_max")}
+            reduced = _reduce([*means.values(), *counters.values()], "sum", device)
+            means = {k: r / world for k, r in zip(means, reduced)}
+            if maxes:
+                means.update(zip(maxes, _reduce(list(maxes.values()), "max", device)))
+            interval = {}
+            last_loss = means.pop("loss")
+            bad = {k: int(v) for k, v in zip(counters, reduced[len(reduced) - len(counters):])}
             avg = timer.avg_step_time_s() or timer.times[-1]
             record = {"step": step, "samples_seen": step * layout.global_batch_size, "loss": last_loss,
                       "lr": engine.lr(), "grad_norm": engine.grad_norm,
                       "logit_scale": float(engine.module.logit_scale.detach().float().exp().reshape(-1)[0]),
                       "step_time_s": timer.times[-1], "data_wait_s": wait,
                       "samples_per_s": layout.global_batch_size / avg, "epoch": tracker.epoch(),
-                      "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps}
+                      "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps, **means}
             writer.write(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
-                            samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
+            postfix = dict(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.0f}")
+            if "shortening_factor" in means:
+                postfix["SF"] = f"{means['shortening_factor']:.2f}"
+            bar.set_postfix(**postfix, refresh=False)
         bar.update(1)
         if cfg.eval.every_steps and cfg.eval.zeroshot_data and step % cfg.eval.every_steps == 0 and step < stop_step:
             evals = _evaluate(cfg, engine, device)

@@ -12,6 +12,13 @@ Registered names:
 * ``ViT-tiny-8``: 32 px images, patch 8, width 128, 4 image / 3 text layers (~7.8M parameters, most
   of them the 49,408 x 128 token embedding). The demo default; trains on CPU in minutes.
 * ``ViT-micro-8``: 16 px, width 32, for tests (forward + backward in milliseconds on CPU).
+* ``DTP-ViT-*`` (:mod:`models.dtp_vit`): dynamic-token-pooling image towers with the same text tower
+  as their ViT counterpart. ``-2x/-4x/-10x`` is the target shortening factor (boundary rate 1/2, 1/4,
+  1/10). Without suffix: 2 pre + 8 shortened layers, upsampling back to the patches, 2 post layers
+  (the research notes' "compression" rows); ``-noup``: 2 pre + 10 shortened layers, no upsampling
+  (the "no upsampling" row). B/32 at 2x/4x/10x, B/16 at 4x, and tiny (``DTP-ViT-tiny-8-4x[-noup]``,
+  same size as ``ViT-tiny-8``) and micro CPU variants. Configs: ``models/configs/dtp/*.json`` with a
+  ``dtp_cfg`` section (:class:`models.dtp_vit.DTPConfig`).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DTP_CONFIG_DIR = CONFIG_DIR / "dtp"  # not scanned by open_clip: its CLIP() does not know dtp_cfg
 open_clip.add_model_config(CONFIG_DIR)
 
 
@@ -49,8 +57,10 @@ _REGISTRY: Dict[str, ModelSpec] = {}
 
 def register(spec: ModelSpec) -> None:
     """Add ``spec`` to the registry; its name must have an open_clip config (built-in or ours)."""
-    if open_clip.get_model_config(spec.name) is None:
+    if spec.family == "vit" and open_clip.get_model_config(spec.name) is None:
         raise ValueError(f"model {spec.name!r} has no open_clip architecture config")
+    if spec.family == "dtp-vit" and not (DTP_CONFIG_DIR / f"{spec.name}.json").is_file():
+        raise ValueError(f"model {spec.name!r} has no config in {DTP_CONFIG_DIR}")
     _REGISTRY[spec.name] = spec
 
 
@@ -63,6 +73,22 @@ for _name, _desc in [
     register(ModelSpec(_name, "vit", False, _desc))
 register(ModelSpec("ViT-tiny-8", "vit", True, "tiny CPU model, 32 px, patch 8, width 128 (demo default)"))
 register(ModelSpec("ViT-micro-8", "vit", True, "micro CPU model for tests, 16 px, patch 8, width 32"))
+
+
+def _register_dtp() -> None:
+    import json
+
+    for path in sorted(DTP_CONFIG_DIR.glob("*.json")):
+        d = json.loads(path.read_text())["dtp_cfg"]
+        shape = (f"{d['pre_layers']} pre + {d['shortened_layers']} shortened"
+                 + (f" + upsampling + {d['post_layers']} post" if d.get("upsample") else ", no upsampling"))
+        tiny = d["width"] < 256
+        register(ModelSpec(path.stem, "dtp-vit", tiny,
+                           f"DTP-ViT {d['image_size']} px, patch {d['patch_size']}, target shortening "
+                           f"{d['compression']:g}x, {shape}"))
+
+
+_register_dtp()
 
 
 def list_models() -> List[str]:
@@ -82,9 +108,19 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def architecture(name: str) -> dict:
-    """The open_clip architecture dict of ``name`` (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
-    get_spec(name)
-    return open_clip.get_model_config(name)
+    """The architecture dict of ``name``: ``embed_dim``, ``vision_cfg`` (``image_size``, ``patch_size``,
+    ``width``, ``layers``), ``text_cfg``, and for DTP-ViT models ``dtp_cfg``."""
+    import json
+
+    spec = get_spec(name)
+    if spec.family == "vit":
+        return open_clip.get_model_config(name)
+    cfg = json.loads((DTP_CONFIG_DIR / f"{name}.json").read_text())
+    d = cfg["dtp_cfg"]
+    layers = d["pre_layers"] + d["shortened_layers"] + d.get("post_layers", 0)
+    cfg["vision_cfg"] = {"image_size": d["image_size"], "patch_size": d["patch_size"], "width": d["width"],
+                         "layers": layers}
+    return cfg
 
 
 def create_model(name: str, device: str = "cpu") -> nn.Module:
@@ -101,14 +137,30 @@ def create_model(name: str, device: str = "cpu") -> nn.Module:
     Raises:
         ValueError: unknown ``name``.
     """
-    get_spec(name)
-    if device == "meta":
+    spec = get_spec(name)
+    if spec.family == "dtp-vit":
+        model = _create_dtp(name, device)
+    elif device == "meta":
         with torch.device("meta"):
             model = open_clip.create_model(name, pretrained=None, output_dict=True, device="meta")
     else:
         model = open_clip.create_model(name, pretrained=None, output_dict=True, device=device)
     if model.logit_scale.dim() == 0:
         model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+    return model
+
+
+def _create_dtp(name: str, device: str) -> nn.Module:
+    """open_clip ``CLIP`` with its text tower from the config and a :class:`DTPViT` image tower."""
+    from models.dtp_vit import DTPConfig, DTPViT
+
+    cfg = architecture(name)
+    dtp = DTPConfig(**cfg["dtp_cfg"], output_dim=cfg["embed_dim"])
+    with torch.device(device):
+        # open_clip's CLIP always builds a ViT tower: build a 1-layer stand-in and replace it
+        stand_in = {"image_size": dtp.image_size, "patch_size": dtp.patch_size, "width": 64, "layers": 1}
+        model = open_clip.CLIP(cfg["embed_dim"], stand_in, cfg["text_cfg"], output_dict=True)
+        model.visual = DTPViT(dtp)
     return model
 
 
@@ -127,8 +179,9 @@ def get_tokenizer(name: str) -> Callable:
 
     Returns a callable: list of ``str`` (length B) -> int64 tensor ``[B, context_length]``.
     """
-    get_spec(name)
-    return open_clip.get_tokenizer(name)
+    if get_spec(name).family == "vit":
+        return open_clip.get_tokenizer(name)
+    return open_clip.get_tokenizer("", context_length=context_length(name))
 
 
 def context_length(name: str) -> int:

@@ -1,0 +1,290 @@
+"""DTP-ViT: a Vision Transformer image tower with dynamic token pooling.
+
+A boundary predictor marks where each segment of patch tokens ends; each segment is averaged into
+one token; the middle ("shortened") layers run on those few tokens. Ideas from Nawrot et al.,
+"Efficient Transformers with Dynamic Token Pooling" (ACL 2023; ``PiotrNawrot/dynamic-pooling``,
+``shortening.py``: the differentiable membership matrix built from straight-through boundaries, and
+the binomial boundary prior) and its CLIP adaptation (``Yusen-Peng/DRIP``, ``DTP_ViT.py``). Our own
+code; see ``../shared/design/dtp_vit.md`` for the forward pass and the pitfalls it avoids.
+
+Shapes for ViT-B/32 at 224 px: image ``[B, 3, 224, 224]`` -> patches ``[B, 49, 768]`` -> + CLS
+``[B, 50, 768]`` -> pre layers -> segments ``[B, S, 768]`` with ``valid [B, S]`` -> CLS + segments
+``[B, 1+S, 768]`` -> shortened layers -> (optional upsampling to ``[B, 50, 768]`` + post layers) ->
+pooled ``[B, 768]`` -> projection ``[B, embed_dim]``.
+
+Numerics: the boundary predictor, the Gumbel-sigmoid sampling, the cumulative sums and the pooling
+weights run in fp32 with autocast off; logits are clamped to [-20, 20]; noise is drawn from
+``u`` clamped to [1e-6, 1 - 1e-6] and added to logits (no probabilities are formed); evaluation
+uses deterministic boundaries ``logits > 0``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POOLINGS = ("mean", "mean_no_cls", "cls", "last")
+BOUNDARY_LOSSES = ("binomial",)
+_REJECTED_LOSSES = {
+    "entropy": "entropy-spike supervision places boundaries where a language model's next-token entropy spikes; "
+               "an image tower has no next-token distribution over patches",
+    "unigram": "unigram supervision places boundaries at tokenizer word/sub-word ends; image patches have no "
+               "tokenizer segmentation",
+}
+
+
+@dataclass
+class DTPConfig:
+    """Architecture and boundary settings of a DTP-ViT image tower.
+
+    Attributes:
+        image_size: input side in pixels.
+        patch_size: patch side in pixels (``L = (image_size / patch_size)**2`` patch tokens).
+        width: token width ``D``.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width / ``D``.
+        pre_layers: blocks on all ``1 + L`` tokens before pooling.
+        shortened_layers: blocks on ``1 + S`` tokens (CLS + segments).
+        post_layers: blocks after upsampling back to ``1 + L`` tokens (only with ``upsample``).
+        upsample: scatter segment tokens back to patch positions (+ residual) before ``post_layers``.
+        compression: target shortening factor; the boundary prior's rate is ``1 / compression``.
+        temperature: Gumbel-sigmoid temperature tau.
+        predictor_hidden: hidden width of the boundary predictor MLP (default ``D``).
+        pooling: ``mean`` (valid tokens incl. CLS), ``mean_no_cls``, ``cls``, or ``last`` (last valid token).
+        boundary_loss: ``binomial`` (prior for Gumbel-sigmoid boundaries).
+        boundary_loss_weight: weight of the boundary loss added to the CLIP loss.
+        output_dim: CLIP embedding width.
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pre_layers: int = 2
+    shortened_layers: int = 10
+    post_layers: int = 0
+    upsample: bool = False
+    compression: float = 4.0
+    temperature: float = 0.5
+    predictor_hidden: Optional[int] = None
+    pooling: str = "mean"
+    boundary_loss: str = "binomial"
+    boundary_loss_weight: float = 1.0
+    output_dim: int = 512
+
+    def __post_init__(self):
+        if self.boundary_loss in _REJECTED_LOSSES:
+            raise ValueError(f"dtp_cfg.boundary_loss: {self.boundary_loss!r} is not supported for image towers: "
+                             f"{_REJECTED_LOSSES[self.boundary_loss]}; allowed: {', '.join(BOUNDARY_LOSSES)}")
+        if self.boundary_loss not in BOUNDARY_LOSSES:
+            raise ValueError(f"dtp_cfg.boundary_loss: {self.boundary_loss!r} is not one of {', '.join(BOUNDARY_LOSSES)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"dtp_cfg.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if not self.compression >= 1:
+            raise ValueError(f"dtp_cfg.compression: must be >= 1, got {self.compression}")
+        if self.post_layers and not self.upsample:
+            raise ValueError("dtp_cfg.post_layers: only used with upsample=true")
+
+
+def binomial_boundary_loss(boundaries: torch.Tensor, rate: float) -> torch.Tensor:
+    """Negative log-likelihood of the boundary count under Binomial(L, rate), per token.
+
+    ``loss = -mean_b log Binomial(k_b; L, rate) / L`` with ``k_b = sum_t boundaries[b, t]``, in closed
+    form with ``lgamma`` (``torch.distributions.Binomial`` validates integer counts, which a
+    straight-through ``k`` is only in value). From Nawrot et al. 2023 (``dynamic-pooling``).
+
+    Args:
+        boundaries: ``[B, L]`` (straight-through) boundary indicators, fp32.
+        rate: target boundary rate ``p`` in (0, 1].
+
+    Returns:
+        Scalar fp32 tensor; differentiable w.r.t. ``boundaries``.
+    """
+    L = boundaries.shape[1]
+    k = boundaries.sum(dim=1)  # [B]
+    p = min(max(rate, 1e-6), 1 - 1e-6)
+    log_pmf = (math.lgamma(L + 1) - torch.lgamma(k + 1) - torch.lgamma(L - k + 1)
+               + k * math.log(p) + (L - k) * math.log1p(-p))
+    return -log_pmf.mean() / L
+
+
+def segment_pool(x: torch.Tensor, boundaries: torch.Tensor, hard: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average tokens into variable-length segments ending at boundaries.
+
+    The segment id of token t is the number of boundaries strictly before t (``cumsum(b) - b``).
+    Membership weights are ``1 - (s - id_t)`` where ``s == id_t`` and 0 elsewhere: numerically 1,
+    but differentiable in the straight-through boundaries, so the task loss reaches the boundary
+    predictor (a plain ``==`` mask would cut that path; idea from ``dynamic-pooling``'s ``downsample``).
+
+    Args:
+        x: ``[B, L, D]`` token features (fp32).
+        boundaries: ``[B, L]`` straight-through boundaries (values 0/1, gradients of the soft ones);
+            the last token must be a boundary.
+        hard: ``[B, L]`` the same boundaries as plain 0/1 values.
+
+    Returns:
+        ``(segments [B, S, D], valid [B, S] bool, weights [B, L, S])`` with ``S`` the largest segment
+        count in the batch; padded segments are all-zero and ``valid`` False.
+    """
+    n_segments = int(hard.sum(dim=1).max().item())  # a host sync: S sets the shortened sequence length
+    seg_id = boundaries.cumsum(dim=1) - boundaries  # [B, L]
+    offset = torch.arange(n_segments, device=x.device, dtype=x.dtype)[None, None, :] - seg_id[..., None]  # [B, L, S]
+    member = offset == 0  # [B, L, S]
+    weights = torch.where(member, 1.0 - offset, torch.zeros_like(offset))  # value 1 on members
+    counts = member.sum(dim=1, keepdim=True).to(x.dtype)  # [B, 1, S] tokens per segment (no grad)
+    weights_mean = weights / counts.clamp(min=1.0)
+    segments = torch.einsum("bls,bld->bsd", weights_mean, x)  # [B, S, D]
+    valid = counts.squeeze(1) > 0  # [B, S]
+    return segments, valid, weights
+
+
+class DTPViT(nn.Module):
+    """DTP-ViT image tower with open_clip's visual-tower interface: ``forward(image [B, 3, H, W]) ->
+    [B, output_dim]``, ``set_grad_checkpointing``, ``image_size``, ``output_dim``.
+
+    After each forward, ``last_stats`` holds detached fp32 scalars (``shortening_factor`` = L / mean
+    segments, ``boundary_rate``, ``segments_mean``, ``segments_max``, ``boundary_loss``) and
+    :meth:`extra_losses` returns the weighted boundary loss (training only) for the trainer to add.
+
+    ``boundary_mode``: ``"learned"`` (default) or ``"nominal"`` (fixed evenly spaced boundaries every
+    ``compression`` patches, for nominal FLOP counts, DynamicViT style).
+    """
+
+    def __init__(self, cfg: DTPConfig):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.cfg = cfg
+        self.image_size = (cfg.image_size, cfg.image_size)
+        self.output_dim = cfg.output_dim
+        grid = cfg.image_size // cfg.patch_size
+        self.num_patches = grid * grid
+        D = cfg.width
+        scale = D ** -0.5
+        self.conv1 = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(D))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.num_patches + 1, D))
+        self.ln_pre = nn.LayerNorm(D)
+        make = lambda n: nn.ModuleList([Block(D, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True) for _ in range(n)])
+        self.pre_blocks = make(cfg.pre_layers)
+        hidden = cfg.predictor_hidden or D
+        self.boundary_predictor = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.shortened_blocks = make(cfg.shortened_layers)
+        self.post_blocks = make(cfg.post_layers if cfg.upsample else 0)
+        self.ln_post = nn.LayerNorm(D)
+        self.proj = nn.Parameter(scale * torch.randn(D, cfg.output_dim))
+        self.boundary_mode = "learned"
+        self.grad_checkpointing = False
+        self.last_stats: Dict[str, torch.Tensor] = {}
+        self._boundary_loss: Optional[torch.Tensor] = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block in backward (non-reentrant activation checkpointing)."""
+        self.grad_checkpointing = enable
+
+    def lock(self, *args, **kwargs):  # open_clip API parity (locking pretrained towers); nothing pretrained here
+        raise NotImplementedError("DTP-ViT towers are trained from scratch; there is nothing to lock")
+
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, N] True = attend (SDPA)
+        for blk in blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=attn_mask)
+            if mask is not None:
+                x = x * mask[..., None].to(x.dtype)  # keep padded rows at zero
+        return x
+
+    def boundaries(self, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Boundary indicators for ``patches [B, L, D]``, computed in fp32 with autocast off.
+
+        Returns:
+            ``(boundaries [B, L] straight-through fp32, hard [B, L] 0/1 fp32)``; the last patch is
+            always a boundary.
+        """
+        B, L, _ = patches.shape
+        with torch.autocast(patches.device.type, enabled=False):
+            if self.boundary_mode == "nominal":
+                hard = torch.zeros(B, L, device=patches.device)
+                step = max(int(round(self.cfg.compression)), 1)
+                hard[:, step - 1::step] = 1.0
+                hard[:, -1] = 1.0
+                return hard, hard
+            fc1, fc2 = self.boundary_predictor[0], self.boundary_predictor[2]
+            # fp32 copies of the (maybe half-precision) weights; the module's own dtype is left alone
+            h = F.gelu(F.linear(patches.float(), fc1.weight.float(), fc1.bias.float()))  # [B, L, hidden]
+            logits = F.linear(h, fc2.weight.float(), fc2.bias.float()).squeeze(-1).clamp(-20.0, 20.0)  # [B, L]
+            if self.training:
+                u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+                soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.cfg.temperature)
+                hard = (soft > 0.5).float()
+                b = hard - soft.detach() + soft  # straight-through estimator
+            else:
+                hard = (logits > 0).float()  # deterministic at eval: repeatable zero-shot results
+                b = hard
+            last = torch.ones_like(hard[:, -1:])
+            return torch.cat([b[:, :-1], last], dim=1), torch.cat([hard[:, :-1], last], dim=1)
+
+    def shortened_forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Shortened layers on ``tokens [B, 1+S, D]`` (CLS first) with key-padding ``valid [B, 1+S]``."""
+        return self._run(self.shortened_blocks, tokens, valid)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(image)  # [B, D, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [B, L, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+L, D]
+        x = self._run(self.pre_blocks, self.ln_pre(x))
+        cls, patches = x[:, :1], x[:, 1:]  # [B, 1, D], [B, L, D]
+        b, hard = self.boundaries(patches)
+        with torch.autocast(x.device.type, enabled=False):
+            segments, valid, weights = segment_pool(patches.float(), b, hard)  # [B, S, D], [B, S], [B, L, S]
+        valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # CLS always valid: no empty row
+        y = self.shortened_forward(torch.cat([cls, segments.to(x.dtype)], dim=1), valid)  # [B, 1+S, D]
+        if self.cfg.upsample:
+            with torch.autocast(x.device.type, enabled=False):
+                up = torch.einsum("bls,bsd->bld", weights, y[:, 1:].float())  # [B, L, D] segment -> its patches
+            y = torch.cat([y[:, :1], up.to(x.dtype) + patches], dim=1)  # residual from the pre-pooling patches
+            y = self._run(self.post_blocks, y)
+            valid = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+        y = self.ln_post(y)
+        pooled = self._pool(y, valid)  # [B, D]
+        self._record(b, hard)
+        return pooled @ self.proj.to(pooled.dtype)
+
+    def _pool(self, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        mode = self.cfg.pooling
+        if mode == "cls":
+            return y[:, 0]
+        if mode == "last":
+            last = valid.long().sum(dim=1) - 1  # index of the last valid token (segments are contiguous)
+            return y[torch.arange(y.shape[0], device=y.device), last]
+        m = valid.clone()
+        if mode == "mean_no_cls":
+            m[:, 0] = False
+        m = m[..., None].to(y.dtype)
+        return (y * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+    def _record(self, b: torch.Tensor, hard: torch.Tensor) -> None:
+        segs = hard.sum(dim=1)  # [B]
+        L = hard.shape[1]
+        with torch.autocast(b.device.type, enabled=False):
+            loss = binomial_boundary_loss(b, 1.0 / self.cfg.compression) if self.boundary_mode == "learned" \
+                else torch.zeros((), device=b.device)
+        self._boundary_loss = loss if self.training and self.boundary_mode == "learned" else None
+        self.last_stats = {"shortening_factor": (L / segs.mean()).detach(), "boundary_rate": hard.mean().detach(),
+                           "segments_mean": segs.mean().detach(), "segments_max": segs.max().detach(),
+                           "boundary_loss": loss.detach()}
+
+    def extra_losses(self) -> Dict[str, torch.Tensor]:
+        """``{"boundary_loss": weight x loss}`` of the last training forward (empty at eval)."""
+        if self._boundary_loss is None:
+            return {}
+        return {"boundary_loss": self.cfg.boundary_loss_weight * self._boundary_loss}
