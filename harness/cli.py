@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps([r.__dict__ for r in rows], indent=2))
         else:
             for r in rows:
-                print(f"{r.name:<14} {'tiny' if r.tiny else '    '}  {r.description}")
+                print(f"{r.name:<24} {'tiny' if r.tiny else '    '}  {r.description}")
         return 0
     if args.cmd == "config":
         print("\n".join(describe()))

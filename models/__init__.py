@@ -14,11 +14,12 @@ Registered names:
 * ``ViT-micro-8``: 16 px, width 32, for tests (forward + backward in milliseconds on CPU).
 * ``DTP-ViT-*`` (:mod:`models.dtp_vit`): dynamic-token-pooling image towers with the same text tower
   as their ViT counterpart. ``-2x/-4x/-10x`` is the target shortening factor (boundary rate 1/2, 1/4,
-  1/10). Without suffix: 2 pre + 8 shortened layers, upsampling back to the patches, 2 post layers
-  (the research notes' "compression" rows); ``-noup``: 2 pre + 10 shortened layers, no upsampling
-  (the "no upsampling" row). B/32 at 2x/4x/10x, B/16 at 4x, and tiny (``DTP-ViT-tiny-8-4x[-noup]``,
-  same size as ``ViT-tiny-8``) and micro CPU variants. Configs: ``models/configs/dtp/*.json`` with a
-  ``dtp_cfg`` section (:class:`models.dtp_vit.DTPConfig`).
+  1/10). Without suffix (also registered as ``-noup``): 2 pre + 10 shortened layers, no upsampling,
+  the design note's default and the research notes' "no upsampling" row; ``-up``: 2 pre + 8
+  shortened layers, upsampling back to the patches, 2 post layers (the "compression" rows). B/32 at
+  2x/4x/10x, B/16 at 4x, and tiny (``DTP-ViT-tiny-8-4x[-up]``, same size as ``ViT-tiny-8``) and micro
+  CPU variants. Configs: ``models/configs/dtp/*.json`` with a ``dtp_cfg`` section
+  (:class:`models.dtp_vit.DTPConfig`).
 """
 from __future__ import annotations
 
@@ -53,13 +54,18 @@ class ModelSpec:
 
 
 _REGISTRY: Dict[str, ModelSpec] = {}
+_ALIASES: Dict[str, str] = {}  # alias -> config name (DTP "-noup" names for the no-upsampling default)
+
+
+def _config_name(name: str) -> str:
+    return _ALIASES.get(name, name)
 
 
 def register(spec: ModelSpec) -> None:
     """Add ``spec`` to the registry; its name must have an open_clip config (built-in or ours)."""
     if spec.family == "vit" and open_clip.get_model_config(spec.name) is None:
         raise ValueError(f"model {spec.name!r} has no open_clip architecture config")
-    if spec.family == "dtp-vit" and not (DTP_CONFIG_DIR / f"{spec.name}.json").is_file():
+    if spec.family == "dtp-vit" and not (DTP_CONFIG_DIR / f"{_config_name(spec.name)}.json").is_file():
         raise ValueError(f"model {spec.name!r} has no config in {DTP_CONFIG_DIR}")
     _REGISTRY[spec.name] = spec
 
@@ -83,9 +89,11 @@ def _register_dtp() -> None:
         shape = (f"{d['pre_layers']} pre + {d['shortened_layers']} shortened"
                  + (f" + upsampling + {d['post_layers']} post" if d.get("upsample") else ", no upsampling"))
         tiny = d["width"] < 256
-        register(ModelSpec(path.stem, "dtp-vit", tiny,
-                           f"DTP-ViT {d['image_size']} px, patch {d['patch_size']}, target shortening "
-                           f"{d['compression']:g}x, {shape}"))
+        desc = f"DTP-ViT {d['image_size']} px, patch {d['patch_size']}, target shortening {d['compression']:g}x, {shape}"
+        register(ModelSpec(path.stem, "dtp-vit", tiny, desc))
+        if not d.get("upsample"):
+            _ALIASES[path.stem + "-noup"] = path.stem
+            register(ModelSpec(path.stem + "-noup", "dtp-vit", tiny, f"same as {path.stem}"))
 
 
 _register_dtp()
@@ -115,7 +123,7 @@ def architecture(name: str) -> dict:
     spec = get_spec(name)
     if spec.family == "vit":
         return open_clip.get_model_config(name)
-    cfg = json.loads((DTP_CONFIG_DIR / f"{name}.json").read_text())
+    cfg = json.loads((DTP_CONFIG_DIR / f"{_config_name(name)}.json").read_text())
     d = cfg["dtp_cfg"]
     layers = d["pre_layers"] + d["shortened_layers"] + d.get("post_layers", 0)
     cfg["vision_cfg"] = {"image_size": d["image_size"], "patch_size": d["patch_size"], "width": d["width"],

@@ -132,10 +132,30 @@ def test_every_pooling_trains(pooling):
 # figures (hand counts / open_clip's model profile), not against this code's output.
 @pytest.mark.parametrize("name, reference, tolerance", [
     ("ViT-B-32", 4.41, 0.02), ("ViT-B-16", 17.6, 0.02),
-    ("DTP-ViT-B-32-2x-noup", 2.7, 0.10), ("DTP-ViT-B-32-4x-noup", 1.8, 0.10), ("DTP-ViT-B-32-10x-noup", 1.25, 0.10),
+    ("DTP-ViT-B-32-2x", 2.7, 0.10), ("DTP-ViT-B-32-4x", 1.8, 0.10), ("DTP-ViT-B-32-10x", 1.25, 0.10),
 ])
 def test_fvcore_gmacs_count_attention(name, reference, tolerance):
     from harness.flops import model_gmacs
 
     gmacs = model_gmacs(name)["image_gmacs"]
     assert abs(gmacs - reference) / reference < tolerance, gmacs
+
+
+def test_eval_boundary_count_matches_training_on_average():
+    """Eval keeps training's expected boundary count; the 'threshold' rule collapses below rate 1/2."""
+    tower = _tower(compression=4)
+    with torch.no_grad():
+        tower.boundary_predictor[2].bias.fill_(-1.1)  # sigmoid(-1.1) ~ 0.25: a 4x-like predictor
+    images = torch.randn(64, 3, 32, 32)
+    tower.train()
+    train_sf = 0.0
+    for _ in range(20):
+        tower(images)
+        train_sf += float(tower.last_stats["shortening_factor"]) / 20
+    tower.eval()
+    tower(images)
+    eval_sf = float(tower.last_stats["shortening_factor"])
+    assert abs(eval_sf - train_sf) / train_sf < 0.2, (eval_sf, train_sf)
+    tower.cfg.eval_boundaries = "threshold"
+    tower(images)
+    assert float(tower.last_stats["shortening_factor"]) > 1.5 * train_sf
