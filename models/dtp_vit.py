@@ -186,6 +186,11 @@ class DTPViT(nn.Module):
         self.pre_blocks = make(cfg.pre_layers)
         hidden = cfg.predictor_hidden or D
         self.boundary_predictor = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        with torch.no_grad():  # start at the target rate: P(boundary) = sigmoid(bias) = 1 / compression,
+            # the output layer zeroed so random features do not swamp it (it learns from step one)
+            rate = min(1.0 / cfg.compression, 1 - 1e-3)
+            self.boundary_predictor[2].weight.zero_()
+            self.boundary_predictor[2].bias.fill_(math.log(rate / (1 - rate)))
         self.shortened_blocks = make(cfg.shortened_layers)
         self.post_blocks = make(cfg.post_layers if cfg.upsample else 0)
         self.ln_post = nn.LayerNorm(D)

@@ -48,13 +48,18 @@ def test_sample_output_does_not_depend_on_batch_padding():
     assert torch.allclose(batched, alone, atol=1e-5)
 
 
-def test_clip_loss_gradient_reaches_boundary_predictor():
+@pytest.mark.parametrize("trained", [False, True])
+def test_clip_loss_gradient_reaches_boundary_predictor(trained):
     model = models.create_model(MICRO)
+    predictor = model.visual.boundary_predictor
+    if trained:  # a predictor past its zero-initialised output layer: every weight gets gradient
+        torch.nn.init.normal_(predictor[2].weight, std=0.1)
     images = torch.randn(4, 3, 16, 16)
     text = models.get_tokenizer(MICRO)(["a", "b c", "d e f", "g"])
     out = model(images, text)
     ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()  # no boundary loss
-    grads = [p.grad for p in model.visual.boundary_predictor.parameters()]
+    layers = [predictor[0], predictor[2]] if trained else [predictor[2]]  # fresh: fc1 is behind a zero layer
+    grads = [p.grad for layer in layers for p in layer.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
