@@ -155,9 +155,9 @@ def _flops(args) -> int:
     for r in rows:
         meas = r.get("image_gmacs_measured")
         sfn, sfm = r.get("shortening_factor_nominal"), r.get("shortening_factor_measured")
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
-        print(f"{r['model']:<24} {r['image_gmacs']:>12.3f} {fmt(meas, '>9.3f')} {fmt(sfn, '>10.2f')} "
-              f"{fmt(sfm, '>11.2f')} {r['text_gmacs']:>11.3f}")
+        fmt = lambda v, width, prec: f"{v:>{width}.{prec}f}" if v is not None else f"{'-':>{width}}"
+        print(f"{r['model']:<24} {r['image_gmacs']:>12.3f} {fmt(meas, 9, 3)} {fmt(sfn, 10, 2)} {fmt(sfm, 11, 2)} "
+              f"{r['text_gmacs']:>11.3f}")
     return 0
 
 

@@ -29,6 +29,31 @@ from torch import nn
 
 POOLINGS = ("mean", "mean_no_cls", "cls", "last")
 EVAL_BOUNDARIES = ("expected_count", "threshold")
+NUMERICS = ("safe", "reference")
+VARLEN = ("auto", "off", "torch")
+
+
+def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None
+                           ) -> torch.Tensor:
+    """Reference for ``flash_attn.flash_attn_varlen_func`` (same signature subset): attention within each
+    packed sequence. ``q, k, v``: ``[T, H, d]`` (T = total valid tokens); ``cu_seqlens``: ``[B + 1]`` int32
+    offsets. Returns ``[T, H, d]``. Used where flash-attn is absent (CPU, tests)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, n, d]
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p,
+                                                        scale=softmax_scale).transpose(0, 1)
+    return out
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 BOUNDARY_LOSSES = ("binomial",)
 _REJECTED_LOSSES = {
     "entropy": "entropy-spike supervision places boundaries where a language model's next-token entropy spikes; "
@@ -65,6 +90,14 @@ class DTPConfig:
             target rate is below 1/2, because the prior drives most logits negative and training
             boundaries then come from the Gumbel noise (measured on the digits 4x model: shortening
             factor 4.4 in training, 16 = one segment at eval).
+        numerics: ``safe`` (default: fp32 island, clamped logits, sampling from logits) or
+            ``reference``: the research code's path (predictor under autocast, probabilities formed
+            in the autocast dtype, ``RelaxedBernoulli(probs=...)``, no clamp), kept only to reproduce
+            its fp16 failures (``profiling/dtp_fp16_stress.py``).
+        varlen: attention of the shortened layers on packed (unpadded) segments, so padding costs
+            nothing: ``auto`` uses flash-attn's ``flash_attn_varlen_func`` when the package imports and
+            the tokens are fp16/bf16 on CUDA, else the padded path with a key-padding mask; ``off``
+            always pads; ``torch`` packs with a PyTorch reference kernel (tests, CPU checks).
         output_dim: CLIP embedding width.
     """
 
@@ -84,6 +117,8 @@ class DTPConfig:
     boundary_loss: str = "binomial"
     boundary_loss_weight: float = 1.0
     eval_boundaries: str = "expected_count"
+    numerics: str = "safe"
+    varlen: str = "auto"
     output_dim: int = 512
 
     def __post_init__(self):
@@ -96,6 +131,10 @@ class DTPConfig:
             raise ValueError(f"dtp_cfg.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.eval_boundaries not in EVAL_BOUNDARIES:
             raise ValueError(f"dtp_cfg.eval_boundaries: {self.eval_boundaries!r} is not one of {', '.join(EVAL_BOUNDARIES)}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"dtp_cfg.numerics: {self.numerics!r} is not one of {', '.join(NUMERICS)}")
+        if self.varlen not in VARLEN:
+            raise ValueError(f"dtp_cfg.varlen: {self.varlen!r} is not one of {', '.join(VARLEN)}")
         if not self.compression >= 1:
             raise ValueError(f"dtp_cfg.compression: must be >= 1, got {self.compression}")
         if self.post_layers and not self.upsample:
@@ -226,6 +265,8 @@ class DTPViT(nn.Module):
             always a boundary.
         """
         B, L, _ = patches.shape
+        if self.cfg.numerics == "reference" and self.training and self.boundary_mode == "learned":
+            return self._reference_boundaries(patches)
         with torch.autocast(patches.device.type, enabled=False):
             if self.boundary_mode == "nominal":
                 hard = torch.zeros(B, L, device=patches.device)
@@ -253,9 +294,47 @@ class DTPViT(nn.Module):
             last = torch.ones_like(hard[:, -1:])
             return torch.cat([b[:, :-1], last], dim=1), torch.cat([hard[:, :-1], last], dim=1)
 
+    def _reference_boundaries(self, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The research code's sampling, for comparison only: half-precision probabilities, no clamp."""
+        probs = torch.sigmoid(self.boundary_predictor(patches).squeeze(-1))  # autocast dtype
+        probs = probs.clamp(max=1 - 1e-4)  # as in the notes: a no-op in fp16, where 1 - 1e-4 rounds to 1
+        dist = torch.distributions.RelaxedBernoulli(torch.tensor(self.cfg.temperature, device=probs.device),
+                                                    probs=probs, validate_args=False)
+        soft = dist.rsample().float()
+        hard = (soft > 0.5).float()
+        b = hard - soft.detach() + soft
+        last = torch.ones_like(hard[:, -1:])
+        return torch.cat([b[:, :-1], last], dim=1), torch.cat([hard[:, :-1], last], dim=1)
+
+    def _varlen_kernel(self, tokens: torch.Tensor):
+        if self.cfg.varlen == "torch":
+            return torch_varlen_attention
+        if self.cfg.varlen == "auto" and tokens.is_cuda and tokens.dtype in (torch.float16, torch.bfloat16):
+            return _flash_varlen()
+        return None
+
     def shortened_forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Shortened layers on ``tokens [B, 1+S, D]`` (CLS first) with key-padding ``valid [B, 1+S]``."""
-        return self._run(self.shortened_blocks, tokens, valid)
+        """Shortened layers on ``tokens [B, 1+S, D]`` (CLS first) with key-padding ``valid [B, 1+S]``.
+
+        With a varlen kernel (``DTPConfig.varlen``) the valid tokens are packed to ``[T, D]`` and every
+        block runs on them with per-image attention; padded rows come back as zeros.
+        """
+        kernel = self._varlen_kernel(tokens)
+        if kernel is None:
+            return self._run(self.shortened_blocks, tokens, valid)
+        lengths = valid.sum(dim=1, dtype=torch.int32)  # [B]
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
+        max_len = int(lengths.max())
+        index = valid.flatten().nonzero().squeeze(1)  # [T] rows of the flattened [B * (1+S)] tokens
+        x = tokens.flatten(0, 1).index_select(0, index)  # [T, D]
+        for blk in self.shortened_blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(_varlen_block, blk, x, cu_seqlens, max_len, kernel,
+                                                      use_reentrant=False)
+            else:
+                x = _varlen_block(blk, x, cu_seqlens, max_len, kernel)
+        out = tokens.new_zeros(tokens.shape[0] * tokens.shape[1], tokens.shape[2])
+        return out.index_copy(0, index, x).view_as(tokens)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.conv1(image)  # [B, D, g, g]
@@ -309,3 +388,17 @@ class DTPViT(nn.Module):
         if self._boundary_loss is None:
             return {}
         return {"boundary_loss": self.cfg.boundary_loss_weight * self._boundary_loss}
+
+
+def _varlen_block(blk: nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, kernel) -> torch.Tensor:
+    """A timm ``Block`` on packed tokens ``x [T, D]``: the block's own layers, attention by ``kernel``."""
+    attn = blk.attn
+    h = blk.norm1(x)
+    qkv = attn.qkv(h).view(x.shape[0], 3, attn.num_heads, attn.head_dim)  # [T, 3, H, d]
+    q, k, v = qkv.unbind(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = kernel(q, k, v, cu_seqlens, max_len, dropout_p=attn.attn_drop.p if blk.training else 0.0,
+               softmax_scale=attn.scale)  # [T, H, d]
+    o = attn.proj_drop(attn.proj(attn.norm(o.reshape(x.shape[0], attn.attn_dim))))
+    x = x + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
