@@ -13,7 +13,7 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch + torchvision first, from the registry (CUDA builds; they run on CPU-only machines too)
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[test,peer]"
 	touch $(STAMP)
 
 data: install

@@ -31,6 +31,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        "peer": ["pandas"],  # open_clip_train (the peer benchmark) imports it
         "flash": ["flash-attn>=2.5"],  # CUDA only; built from source, optional
     },
     entry_points={"console_scripts": ["harness=harness.cli:main"]},

@@ -167,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="harness", description="CLIP / ViT scaling harness")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train a model (same flags as train.py)", add_help=False)
+    sub.add_parser("profile", help="per-model step time / memory / GFLOPs / MFU report", add_help=False)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dg = dsub.add_parser("digits", help="write the embedded digits dataset as img2dataset-style shards")
@@ -187,6 +188,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--json", action="store_true")
     if argv[:1] == ["train"]:
         return train_main(argv[1:], prog="harness train")
+    if argv[:1] == ["profile"]:
+        from harness.profile import main as profile_main
+        return profile_main(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "data" and args.data_cmd == "digits":
         from harness.digits import write_digits

@@ -67,12 +67,15 @@ class TrainConfig:
     """Numeric precision: ``fp32``, ``bf16`` (autocast / DeepSpeed bf16) or ``fp16`` (GPU only)."""
     seed: int = 0
     """Seed for model init, data order and augmentation."""
-    log_every_steps: int = 10
-    """Write a metrics line (and refresh the progress bar's loss) every this many steps."""
+    log_every_steps: int = 1
+    """Write a metrics line (loss, LR, timing, DTP boundary stats; one small all-reduce) every this many steps."""
     timing_warmup_steps: int = 5
     """Steps excluded from ``avg_step_time_s`` and ``samples_per_s`` as warm-up."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0."""
+    profile_step: Optional[int] = None
+    """Record a PyTorch profiler trace of this step (``trace_step<N>_rank<R>.json`` in the run directory)
+    and, on CUDA, a memory snapshot (``memory_snapshot_step<N>_rank<R>.pickle``, for pytorch.org/memory_viz)."""
 
 
 @dataclass

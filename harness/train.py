@@ -247,6 +247,7 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
     evals: Dict[str, float] = {}
     interval: Dict[str, list] = {}  # per-micro-batch scalars since the last log line
     while step < stop_step:
+        profiler = _start_profile(cfg, device) if cfg.train.profile_step == step + 1 else None
         t0 = time.perf_counter()
         wait = 0.0
         stepped = False
@@ -262,6 +263,8 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
             torch.cuda.synchronize(device)  # honest step time: wait for the GPU
         step += 1
         timer.add(time.perf_counter() - t0, wait)
+        if profiler is not None:
+            _stop_profile(profiler, cfg.run_dir, step, rank, device)
         if step % cfg.train.log_every_steps == 0 or step == stop_step:
             counters = tracker.counters()
             # means over the micro batches since the last log line, then over ranks (one reduction)
@@ -332,6 +335,27 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def _start_profile(cfg: JobConfig, device: torch.device):
+    """Start a PyTorch profiler (CPU + CUDA activity, shapes, memory) and CUDA memory-history recording."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    prof = profile(activities=activities, record_shapes=True, profile_memory=True)
+    prof.__enter__()
+    return prof
+
+
+def _stop_profile(prof, run_dir: Path, step: int, rank: int, device: torch.device) -> None:
+    prof.__exit__(None, None, None)
+    prof.export_chrome_trace(str(run_dir / f"trace_step{step}_rank{rank}.json"))
+    if device.type == "cuda":
+        torch.cuda.memory._dump_snapshot(str(run_dir / f"memory_snapshot_step{step}_rank{rank}.pickle"))
+        torch.cuda.memory._record_memory_history(enabled=None)
+    log.info("profiler trace of step %d written to %s", step, run_dir)
 
 
 def _reduce(values, op: str, device: torch.device) -> list:

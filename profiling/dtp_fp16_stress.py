@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     sfs = []
     it = iter(loader)
     step = 0
+    t_start = time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = next(it)
         try:
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
         bad_param += params_bad
         if (loss_bad or params_bad) and first_bad is None:
             first_bad = step
+        if step % 25 == 0:
+            print(f"step {step}: loss {loss.item():.4f} scale {scaler.get_scale():g} skipped {skipped} "
+                  f"SF {sfs[-1]:.2f} {time.perf_counter() - t_start:.0f} s", flush=True)
     result = {"model": args.model, "numerics": args.numerics, "device": str(device), "lr": args.lr,
               "batch": args.batch, "steps_run": step if error is None else step - 1, "steps_asked": args.steps,
               "error": error, "steps_with_nonfinite_loss": bad_loss,

@@ -185,3 +185,19 @@ def test_packed_varlen_path_matches_padded_path():
     images = torch.randn(4, 3, 32, 32, requires_grad=True)
     tower(images).sum().backward()  # gradients flow through the packed path
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_harness_flops_cli_reports_nominal_and_measured(digits_dir, capsys):
+    import json
+
+    from harness.cli import main
+
+    assert main(["flops", "--model", MICRO, "--model", "ViT-micro-8", "--images", str(digits_dir / "val"),
+                 "--num-images", "4", "--json"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    dtp, vit = rows[MICRO], rows["ViT-micro-8"]
+    assert dtp["unit"].startswith("GMACs") and dtp["measured_images"] == 4
+    assert 0 < dtp["image_gmacs"] < vit["image_gmacs"]  # fewer tokens in the shortened layer
+    assert dtp["shortening_factor_nominal"] == pytest.approx(2.0)
+    assert "image_gmacs_measured" not in vit and vit["text_gmacs"] > 0
+    assert main(["flops", "--model", "nope"]) == 2

@@ -1,0 +1,96 @@
+"""Peer benchmark: open_clip's own trainer against this harness, same model, batch, steps, precision, machine.
+
+Both run as fresh child processes, one after the other, in one invocation:
+
+* open_clip: ``python -m open_clip_train.main --dataset-type synthetic`` (its webdataset loader fails
+  with webdataset 1.x on these machines, ``KeyError: 'fname'`` in ``group_by_keys_nothrow``, so its
+  synthetic dataset is used; it runs open_clip's preprocessing on one blank PIL image per sample);
+* ours: ``python train.py --train-data synthetic`` (random tensors of the exact shapes).
+
+Same settings on both sides: one process, local loss + gather-with-grad, AdamW, no warm-up LR, log
+every step. Step time = mean of the per-step times after the first ``--warmup`` steps (open_clip's
+``Batch (t)`` per logged step; ours ``avg_step_time_s``). Peak memory = each child's peak RSS
+(``ru_maxrss`` of the finished child, the same measure for both; it includes the Python runtime and
+libraries). On a GPU that is host memory; device memory is not compared by this script.
+
+    python profiling/peer_open_clip.py --model ViT-B-32 --batch 16 --steps 10 --warmup 3 --out results/peer_open_clip_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+_WRAP = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+         "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+
+
+def run_measured(cmd, cwd, env=None):
+    """Run ``cmd`` in a wrapper process; return (completed process, child peak RSS in GiB)."""
+    proc = subprocess.run([sys.executable, "-c", _WRAP, *cmd], cwd=cwd, capture_output=True, text=True, env=env)
+    m = re.search(r"PEAK_RSS_KIB (\d+)", proc.stdout)
+    return proc, (int(m.group(1)) / 2**20 if m else None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    samples = args.steps * args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        oc_cmd = [sys.executable, "-m", "open_clip_train.main", "--model", args.model, "--dataset-type", "synthetic",
+                  "--train-num-samples", str(samples), "--batch-size", str(args.batch), "--epochs", "1",
+                  "--precision", {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision], "--workers", "0",
+                  "--lr", "5e-4", "--warmup", "0", "--log-every-n-steps", "1", "--save-frequency", "0",
+                  "--local-loss", "--gather-with-grad", "--logs", tmp, "--name", "peer", "--report-to", "",
+                  "--seed", "0"]
+        oc, oc_rss = run_measured(oc_cmd, cwd=tmp, env=env)
+        if oc.returncode != 0:
+            raise SystemExit(f"open_clip run failed:\n{oc.stderr[-3000:]}")
+        log_text = (Path(tmp) / "peer" / "out.log").read_text()
+        times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", log_text)]
+        oc_step = sum(times[args.warmup:]) / len(times[args.warmup:])
+        ours_cmd = [sys.executable, str(REPO / "train.py"), "--config", "synthetic", "--model", args.model,
+                    "--micro-batch-size", str(args.batch), "--train-samples", str(samples), "--precision",
+                    args.precision, "--output-dir", tmp, "--run-name", "ours", "optim.warmup_samples=0",
+                    f"train.timing_warmup_steps={args.warmup}", "train.progress_bar=false"]
+        ours, ours_rss = run_measured(ours_cmd, cwd=REPO, env=env)
+        if ours.returncode != 0:
+            raise SystemExit(f"harness run failed:\n{ours.stderr[-3000:]}")
+        summary = json.loads((Path(tmp) / "ours" / "summary.json").read_text())
+    result = {
+        "model": args.model, "batch": args.batch, "steps": args.steps, "warmup_steps_excluded": args.warmup,
+        "precision": args.precision, "device": summary["device"], "threads": env["OMP_NUM_THREADS"],
+        "open_clip": {"step_time_s": oc_step, "samples_per_s": args.batch / oc_step, "peak_rss_gib": oc_rss,
+                      "step_times_s": times},
+        "harness": {"step_time_s": summary["avg_step_time_s"], "samples_per_s": summary["samples_per_s"],
+                    "peak_rss_gib": ours_rss},
+        "command": "python profiling/peer_open_clip.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "note": "open_clip on its --dataset-type synthetic path (its webdataset loader fails with webdataset 1.x: "
+                "KeyError 'fname'), ours on --train-data synthetic",
+    }
+    result["samples_per_s_ratio"] = result["harness"]["samples_per_s"] / result["open_clip"]["samples_per_s"]
+    result["peak_memory_ratio"] = (ours_rss / oc_rss) if (ours_rss and oc_rss) else None
+    print(json.dumps({k: v for k, v in result.items() if k != "open_clip"} |
+                     {"open_clip": {k: v for k, v in result["open_clip"].items() if k != "step_times_s"}}, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
