@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness.config import ConfigError, JobConfig, describe, from_dict, load_preset, merge, parse_override
+from harness.config import ConfigError, describe, from_dict, load_preset, merge, parse_override
 
 DEFAULT_PRESET = "digits"
 DIGITS_DIR = "data/digits"

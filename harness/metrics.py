@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -62,3 +63,33 @@ def peak_memory_gib(device: torch.device) -> tuple:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return rss * scale / 2**30, "cpu_max_rss"
+
+
+@contextmanager
+def saved_activation_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[Dict[str, int]]:
+    """Count the bytes autograd saves for backward inside the block (the activation memory of a forward).
+
+    Each distinct storage counts once; storages of ``exclude`` (pass the model's parameters) do not.
+    Yields a dict whose ``"bytes"`` is filled in when the block exits.
+    """
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    result = {"bytes": 0}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"] = sum(n for ptr, n in seen.items() if ptr not in skip)
+
+
+def dump_result(result: Dict[str, Any], out: Optional[str]) -> None:
+    """Print ``result`` as JSON and, if ``out`` is given, write it there (benchmark scripts' output)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")

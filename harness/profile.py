@@ -60,8 +60,9 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
     during the forward (``saved_tensors_hooks``), parameters excluded.
     """
     import models
-    from harness.engine import autocast_dtype, build_optimizer
     from harness.config import JobConfig
+    from harness.engine import autocast_dtype, build_optimizer
+    from harness.metrics import saved_activation_bytes
     from open_clip import ClipLoss
 
     torch.manual_seed(0)
@@ -69,16 +70,8 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
     size, ctx = models.image_size(name), models.context_length(name)
     images = torch.randn(micro_batch_size, 3, size, size)
     text = torch.randint(1, 49408, (micro_batch_size, ctx))
-    saved: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     dtype = autocast_dtype(precision)
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes(exclude=model.parameters()) as saved:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             out = model(images, text)
             loss = ClipLoss()(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
@@ -91,7 +84,7 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
         "grads_gib": sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None) / gib,
         "optimizer_gib": sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                              if torch.is_tensor(t)) / gib,
-        "activations_gib": sum(n for ptr, n in saved.items() if ptr not in param_ptrs) / gib,
+        "activations_gib": saved["bytes"] / gib,
     }
 
 

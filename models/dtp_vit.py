@@ -20,7 +20,7 @@ uses deterministic boundaries (see ``DTPConfig.eval_boundaries``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch

@@ -12,7 +12,6 @@ tower to the research code's boundary sampling (no fp32 island, no clamp) for co
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -25,6 +24,7 @@ import models  # noqa: E402
 from harness.cli import ensure_digits  # noqa: E402
 from harness.config import DataConfig  # noqa: E402
 from harness.data import build_train_loader  # noqa: E402
+from harness.metrics import dump_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -94,10 +94,7 @@ def main(argv=None) -> int:
               "final_loss": loss.item() if error is None else None,
               "shortening_factor_last_50": sum(sfs[-50:]) / max(len(sfs[-50:]), 1),
               "command": "python profiling/dtp_fp16_stress.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    dump_result(result, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ printed); its predictor starts at the target boundary rate.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,23 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
+from harness.metrics import dump_result, saved_activation_bytes  # noqa: E402
 
 
-def saved_activation_bytes(tower: torch.nn.Module, images: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves for backward in one forward of ``tower(images)``."""
-    seen = {}
-
-    def pack(t: torch.Tensor):  # every saved tensor; parameters are excluded below
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in tower.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def activation_bytes(tower: torch.nn.Module, images: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one forward of ``tower(images)``, parameters excluded."""
+    with saved_activation_bytes(exclude=tower.parameters()) as saved:
         out = tower(images)
     out.float().pow(2).mean().backward()
     tower.zero_grad(set_to_none=True)
-    return sum(n for ptr, n in seen.items() if ptr not in params)
+    return saved["bytes"]
 
 
 def step_times(tower: torch.nn.Module, images: torch.Tensor, warmup: int, steps: int) -> list:
@@ -77,7 +69,7 @@ def main(argv=None) -> int:
     rows = {}
     for name in (args.vit, args.dtp):
         tower = models.create_model(name).visual.to(device).train()
-        act = saved_activation_bytes(tower, images)
+        act = activation_bytes(tower, images)
         times = step_times(tower, images, args.warmup, args.steps)
         stats = getattr(tower, "last_stats", {})
         rows[name] = {"step_time_s": statistics.median(times), "step_times_s": times,
@@ -101,8 +93,7 @@ def main(argv=None) -> int:
     print(f"  {args.dtp} vs {args.vit}: {result['step_time_speedup']:.2f}x faster step, "
           f"{100 * result['activation_memory_saving']:.1f}% less activation memory")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        dump_result(result, args.out)
     return 0
 
 

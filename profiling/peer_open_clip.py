@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from harness.metrics import dump_result  # noqa: E402
 _WRAP = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
          "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
 
@@ -84,11 +86,7 @@ def main(argv=None) -> int:
     }
     result["samples_per_s_ratio"] = result["harness"]["samples_per_s"] / result["open_clip"]["samples_per_s"]
     result["peak_memory_ratio"] = (ours_rss / oc_rss) if (ours_rss and oc_rss) else None
-    print(json.dumps({k: v for k, v in result.items() if k != "open_clip"} |
-                     {"open_clip": {k: v for k, v in result["open_clip"].items() if k != "step_times_s"}}, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    dump_result(result, args.out)
     return 0
 
 

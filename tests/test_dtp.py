@@ -2,7 +2,6 @@
 prior matches a reference, numerics under half-precision autocast, nominal costs (fvcore GMACs)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
