@@ -105,3 +105,16 @@ def test_existing_run_is_not_overwritten_and_changed_setup_is_refused(tmp_path, 
                              "optim.lr=0.5"), check=False)
     assert changed.returncode == 2 and "optim.lr: checkpoint 0.001 vs now 0.5" in changed.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_dtp_model_trains_and_logs_boundary_metrics_every_step(tmp_path, digits_dir):
+    args = _args(tmp_path, digits_dir, "dtp", "data.num_workers=0", "--train-samples", "96")
+    args[args.index("ViT-micro-8")] = "DTP-ViT-micro-8-2x"
+    train_py(args)
+    lines = [r for r in read_jsonl(tmp_path / "dtp" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in lines] == list(range(1, 7))
+    for r in lines:
+        assert {"shortening_factor", "boundary_rate", "segments_mean", "segments_max", "boundary_loss"} <= r.keys()
+        assert 1.0 <= r["shortening_factor"] <= 4.0 and r["boundary_loss"] > 0
+    summary = json.loads((tmp_path / "dtp" / "summary.json").read_text())
+    assert summary["model"] == "DTP-ViT-micro-8-2x" and summary["zeroshot_top1"] is not None
