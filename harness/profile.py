@@ -225,7 +225,9 @@ def _plots(rows: List[Dict[str, Any]], out: Path, mem_label: str) -> None:
     dtp = [r for r in rows if r["compression"]]
     if dtp:
         batch = max(r["micro_batch_size"] for r in dtp)
-        base = [r for r in rows if r["model"] == "ViT-B-32" and r["micro_batch_size"] == batch]
+        # the 1x point: a plain ViT of the same resolution and patch size, when profiled
+        same = lambda r: (r["resolution"], r["patch_size"]) == (dtp[0]["resolution"], dtp[0]["patch_size"])
+        base = [r for r in rows if not r["compression"] and same(r) and r["micro_batch_size"] == batch][:1]
         pts = sorted([(r["compression"], r) for r in dtp if r["micro_batch_size"] == batch] +
                      [(1.0, r) for r in base], key=lambda p: p[0])
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -234,7 +236,7 @@ def _plots(rows: List[Dict[str, Any]], out: Path, mem_label: str) -> None:
             ax.plot([p[0] for p in pts], [p[1][key] for p in pts], marker="o")
             ax.set_xscale("log")
             ax.set_xticks([p[0] for p in pts], [f"{p[0]:g}x" for p in pts])
-            ax.set_xlabel("compression (1x = ViT-B-32)")
+            ax.set_xlabel(f"compression (1x = {base[0]['model']})" if base else "compression")
             ax.set_title(label, fontsize=9)
             ax.grid(alpha=0.3)
         fig.suptitle(f"DTP-ViT against compression, micro batch {batch}")
