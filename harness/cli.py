@@ -66,6 +66,11 @@ def build_config(argv: List[str], prog: str = "train.py") -> tuple:
             if key == "eval.zeroshot_data" and str(value).lower() in ("none", "null", ""):
                 value = None
             data = merge(data, parse_override(f"{key}=") if value is None else _nested(key, value))
+    # a training length given as a flag replaces the preset's, whichever unit the preset used
+    if args.epochs is not None and args.train_samples is None:
+        data = merge(data, {"train": {"train_samples": None}})
+    if args.train_samples is not None and args.epochs is None:
+        data = merge(data, {"train": {"epochs": None}})
     for text in list(args.set) + list(args.overrides):
         data = merge(data, parse_override(text))
     return from_dict(data), args

@@ -90,3 +90,10 @@ def test_every_field_is_documented():
     assert len(lines) > 30
     undocumented = [ln for ln in lines if ln.endswith(": ")]
     assert not undocumented, undocumented
+
+
+def test_length_flag_replaces_the_presets_length(tmp_path):
+    cfg, _ = build_config(["--epochs", "2"])  # the digits preset sets train.train_samples
+    assert cfg.train.epochs == 2.0 and cfg.train.train_samples is None
+    cfg, _ = build_config(["--config", "clip", "--train-samples", "1000"])
+    assert cfg.train.train_samples == 1000 and cfg.train.epochs is None and cfg.model.name == "ViT-B-32"
