@@ -298,7 +298,9 @@ class SyntheticStream(IterableDataset):
 
     Yields dicts like :class:`ShardStream`: ``image`` ``[B, 3, H, W]`` standard-normal floats,
     ``text`` ``[B, context_length]`` random token ids in ``[1, vocab_size)``, ``role`` 0, ``state``
-    with ``offset`` = batches produced.
+    with ``offset`` = batches produced. Sample ``j`` of global batch ``i`` is seeded by ``(seed, i, j)``
+    and rank ``r`` yields rows ``r * B .. (r + 1) * B - 1``, so any world size sees the same global
+    batches (what equivalence checks between 1 and N processes need).
     """
 
     def __init__(self, batch_size: int, image_size: int, context_length: int, vocab_size: int, seed: int,
@@ -309,13 +311,17 @@ class SyntheticStream(IterableDataset):
         self.seed, self.rank = seed, rank
         self.start = int((resume or {}).get("batches", 0))
 
+    def _sample(self, i: int, j: int):
+        g = torch.Generator().manual_seed(_seed(self.seed, "synthetic", i, j))
+        return (torch.randn(3, self.image_size, self.image_size, generator=g),
+                torch.randint(1, self.vocab_size, (self.context_length,), generator=g))
+
     def __iter__(self):
         i = self.start
         while True:
-            g = torch.Generator().manual_seed(_seed(self.seed, "synthetic", self.rank, i))
+            rows = [self._sample(i, self.rank * self.batch_size + k) for k in range(self.batch_size)]
             i += 1
-            yield {"image": torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=g),
-                   "text": torch.randint(1, self.vocab_size, (self.batch_size, self.context_length), generator=g),
+            yield {"image": torch.stack([r[0] for r in rows]), "text": torch.stack([r[1] for r in rows]),
                    "role": 0, "state": {**_initial_state(), "offset": i}}
 
 

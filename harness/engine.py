@@ -140,6 +140,16 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def num_parameters(module: nn.Module) -> int:
+    """Trainable parameters of ``module``, full size even when ZeRO-3 has partitioned them (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+
+
+def local_parameter_elements(module: nn.Module) -> int:
+    """Parameter elements this rank holds: its ZeRO-3 partitions (``ds_tensor``), else every parameter."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
 class LocalEngine:
     """Plain PyTorch: single process, or DDP over the default process group.
 
@@ -200,6 +210,13 @@ class LocalEngine:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def num_parameters(self) -> int:
+        return num_parameters(self.module)
+
+    def full_parameters(self):
+        """No sharding here: a no-op context (see :meth:`DeepSpeedEngine.full_parameters`)."""
+        return contextlib.nullcontext()
 
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes ``model.pt``, ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt``) into ``directory``."""
@@ -297,6 +314,19 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def num_parameters(self) -> int:
+        return num_parameters(self.module)
+
+    def full_parameters(self):
+        """Context in which every rank holds the full parameters (ZeRO-3 gathers them; a no-op below
+        stage 3). For calls that bypass the root module's forward, e.g. ``encode_text`` in zero-shot
+        eval, which reads root-level parameters such as ``positional_embedding``."""
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def save(self, directory: Path, rank: int) -> None:
         """All ranks write their ZeRO partitions under ``directory/deepspeed`` (collective)."""

@@ -23,7 +23,7 @@ import models
 from harness import checkpoint as ckpt_mod
 from harness.config import BatchLayout, ConfigError, JobConfig, to_dict, validate
 from harness.data import DataTracker, build_train_loader, epoch_samples
-from harness.engine import autocast_dtype, build_engine, detect_launch, init_distributed
+from harness.engine import autocast_dtype, build_engine, detect_launch, init_distributed, local_parameter_elements
 from harness.metrics import JsonlWriter, StepTimer, peak_memory_gib
 from harness.schedule import build_scheduler
 from harness.zeroshot import zeroshot_eval
@@ -133,7 +133,7 @@ def train_step(engine, loss_fn, batch: Dict[str, Any], device: torch.device) -> 
     extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
     total = loss + sum(v.float() for v in extras.values()) if extras else loss
     engine.backward(total)
-    report = {"loss": loss.detach()}
+    report = {"loss": loss.detach(), "logit_scale": scale.detach().reshape(-1)[0]}
     report.update({k: v.detach().float() for k, v in extras.items()})
     for k, v in getattr(visual, "last_stats", {}).items():
         report.setdefault(k, v.float())
@@ -141,9 +141,10 @@ def train_step(engine, loss_fn, batch: Dict[str, Any], device: torch.device) -> 
 
 
 def _evaluate(cfg: JobConfig, engine, device: torch.device) -> Dict[str, float]:
-    return zeroshot_eval(engine.module, models.get_tokenizer(cfg.model.name), cfg.eval.zeroshot_data,
-                         models.image_transform(cfg.model.name, is_train=False), cfg.eval.batch_size, device,
-                         autocast_dtype(cfg.train.precision))
+    with engine.full_parameters():
+        return zeroshot_eval(engine.module, models.get_tokenizer(cfg.model.name), cfg.eval.zeroshot_data,
+                             models.image_transform(cfg.model.name, is_train=False), cfg.eval.batch_size, device,
+                             autocast_dtype(cfg.train.precision))
 
 
 def setup_logging(rank: int) -> None:
@@ -207,7 +208,7 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
     writer = JsonlWriter(run_dir / "metrics.jsonl", enabled=rank == 0)
     timer = StepTimer(cfg.train.timing_warmup_steps)
     log.info("model %s (%.2fM params) | engine %s | world %d | micro %d x accum %d -> global %d | steps %d of %d "
-             "(%d samples) | device %s", cfg.model.name, models.count_parameters(engine.module) / 1e6, engine.kind,
+             "(%d samples) | device %s", cfg.model.name, engine.num_parameters() / 1e6, engine.kind,
              world, layout.micro_batch_size, layout.grad_accum_steps, layout.global_batch_size, stop_step, total_steps,
              total_samples, device)
 
@@ -281,7 +282,6 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
             avg = timer.avg_step_time_s() or timer.times[-1]
             record = {"step": step, "samples_seen": step * layout.global_batch_size, "loss": last_loss,
                       "lr": engine.lr(), "grad_norm": engine.grad_norm,
-                      "logit_scale": float(engine.module.logit_scale.detach().float().exp().reshape(-1)[0]),
                       "step_time_s": timer.times[-1], "data_wait_s": wait,
                       "samples_per_s": layout.global_batch_size / avg, "epoch": tracker.epoch(),
                       "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps, **means}
@@ -307,6 +307,7 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
         log.info("zero-shot top-1 %.4f top-5 %.4f on %d images", evals["zeroshot_top1"], evals["zeroshot_top5"],
                  evals["zeroshot_images"])
 
+    local_params = local_parameter_elements(engine.module)
     peak, kind = peak_memory_gib(device)
     peak_t = _reduce([peak], "max", device)[0]
     counters = tracker.counters()
@@ -319,6 +320,7 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
         "zero_stage": getattr(engine, "zero_stage", None), "precision": cfg.train.precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": world, "micro_batch_size": layout.micro_batch_size,
+        "parameters": engine.num_parameters(), "rank0_local_parameter_elements": local_params,
         "grad_accum_steps": layout.grad_accum_steps, "global_batch_size": layout.global_batch_size,
         "contrastive_batch_size": layout.contrastive_batch_size,
         "steps": step, "steps_this_process": step - start_step, "total_steps": total_steps,

@@ -76,6 +76,9 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     assert dataset.classes == folders
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))
+    # every rank runs the same number of forwards: sharded parameters (ZeRO-3 / FSDP) are gathered
+    # collectively, so a rank with one image fewer must still join the last batch (its extra is not counted)
+    per_rank = -(-len(dataset) // world)
     was_training = model.training
     model.eval()
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -84,16 +87,19 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     with ctx:
         classifier = build_zero_shot_classifier(model, tokenizer, names, templates, num_classes_per_batch=10,
                                                 device=device)  # [embed_dim, C]
-        for start in range(0, len(indices), batch_size):
-            items = [dataset[i] for i in indices[start:start + batch_size]]
+        for start in range(0, per_rank, batch_size):
+            chunk = indices[start:start + batch_size]
+            n_real = len(chunk)
+            chunk = chunk or indices[:1] or [0]  # a filler forward, not counted
+            items = [dataset[i] for i in chunk]
             images = torch.stack([x for x, _ in items]).to(device)  # [B, 3, H, W]
-            target = torch.tensor([y for _, y in items], device=device)
-            feats = model.encode_image(images, normalize=True)  # [B, embed_dim]
+            target = torch.tensor([y for _, y in items], device=device)[:n_real]
+            feats = model.encode_image(images, normalize=True)[:n_real]  # [B, embed_dim]
             logits = feats.float() @ classifier.float()  # [B, C]
             topk = logits.topk(k, dim=1).indices  # [B, k]
             counts[0] += (topk[:, 0] == target).sum().item()
             counts[1] += (topk == target[:, None]).any(dim=1).sum().item()
-            counts[2] += len(items)
+            counts[2] += n_real
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)
