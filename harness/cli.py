@@ -13,9 +13,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from harness.config import ConfigError, describe, from_dict, load_preset, merge, parse_override
+from harness.config import ConfigError, describe, from_dict, load_preset, merge, nested, parse_override
 
 DEFAULT_PRESET = "digits"
 DIGITS_DIR = "data/digits"
@@ -65,7 +65,7 @@ def build_config(argv: List[str], prog: str = "train.py") -> tuple:
         if value is not None:
             if key == "eval.zeroshot_data" and str(value).lower() in ("none", "null", ""):
                 value = None
-            data = merge(data, parse_override(f"{key}=") if value is None else _nested(key, value))
+            data = merge(data, nested(key, value))
     # a training length given as a flag replaces the preset's, whichever unit the preset used
     if args.epochs is not None and args.train_samples is None:
         data = merge(data, {"train": {"train_samples": None}})
@@ -74,16 +74,6 @@ def build_config(argv: List[str], prog: str = "train.py") -> tuple:
     for text in list(args.set) + list(args.overrides):
         data = merge(data, parse_override(text))
     return from_dict(data), args
-
-
-def _nested(key: str, value) -> Dict:
-    out: Dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
 
 
 def ensure_digits(out_dir: str = DIGITS_DIR) -> bool:

@@ -244,10 +244,14 @@ def parse_override(text: str) -> Dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.field=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    return nested(key.strip(), yaml.safe_load(raw) if raw != "" else None)
+
+
+def nested(dotted_key: str, value: Any) -> Dict[str, Any]:
+    """``("train.seed", 3)`` -> ``{"train": {"seed": 3}}``."""
     out: Dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
+    parts = dotted_key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value

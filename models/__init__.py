@@ -203,13 +203,8 @@ def image_size(name: str) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 __all__ = [
     "ModelSpec", "register", "list_models", "get_spec", "architecture", "create_model",
-    "image_transform", "get_tokenizer", "context_length", "image_size", "count_parameters",
+    "image_transform", "get_tokenizer", "context_length", "image_size",
     "CONFIG_DIR",
 ]
