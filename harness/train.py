@@ -247,6 +247,7 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
     last_loss = float("nan")
     evals: Dict[str, float] = {}
     interval: Dict[str, list] = {}  # per-micro-batch scalars since the last log line
+    saved_at = step  # step of the last checkpoint written by this process (or resumed from)
     while step < stop_step:
         profiler = _start_profile(cfg, device) if cfg.train.profile_step == step + 1 else None
         t0 = time.perf_counter()
@@ -268,17 +269,17 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
             _stop_profile(profiler, cfg.run_dir, step, rank, device)
         if step % cfg.train.log_every_steps == 0 or step == stop_step:
             counters = tracker.counters()
-            # means over the micro batches since the last log line, then over ranks (one reduction)
-            means = {k: (torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()).item()
-                     for k, v in interval.items()}
-            maxes = {k: v for k, v in means.items() if k.endswith("_max")}
+            # over the micro batches since the last log line, then over ranks: "*_max" keys by max,
+            # the others by mean; the bad-sample counters are summed in the same reduction as the means
+            maxes = {k: torch.stack(v).max().item() for k, v in interval.items() if k.endswith("_max")}
+            means = {k: torch.stack(v).mean().item() for k, v in interval.items() if k not in maxes}
             reduced = _reduce([*means.values(), *counters.values()], "sum", device)
             means = {k: r / world for k, r in zip(means, reduced)}
+            bad = {k: int(v) for k, v in zip(counters, reduced[len(means):])}
             if maxes:
                 means.update(zip(maxes, _reduce(list(maxes.values()), "max", device)))
             interval = {}
             last_loss = means.pop("loss")
-            bad = {k: int(v) for k, v in zip(counters, reduced[len(reduced) - len(counters):])}
             avg = timer.avg_step_time_s() or timer.times[-1]
             record = {"step": step, "samples_seen": step * layout.global_batch_size, "loss": last_loss,
                       "lr": engine.lr(), "grad_norm": engine.grad_norm,
@@ -297,9 +298,9 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
             log.info("step %d zero-shot top-1 %.4f top-5 %.4f", step, evals["zeroshot_top1"], evals["zeroshot_top5"])
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             save(step)
+            saved_at = step
     bar.close()
-    if cfg.checkpoint.save_final and step > start_step and not (cfg.checkpoint.every_steps and
-                                                                step % cfg.checkpoint.every_steps == 0):
+    if cfg.checkpoint.save_final and step > start_step and saved_at != step:
         save(step)
     if cfg.eval.zeroshot_data:
         evals = _evaluate(cfg, engine, device)
