@@ -121,10 +121,11 @@ def load_rank_state(ckpt: Path, rank: int) -> Dict[str, Any]:
 
 
 def load_model_state(ckpt: Path) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) model ``state_dict`` from a checkpoint of either engine, on the CPU.
+    """Full (unsharded) model ``state_dict`` from a checkpoint of any engine, on the CPU, in one process.
 
-    For DeepSpeed ZeRO stages 0-2 the module weights are in ``deepspeed/mp_rank_00_model_states.pt``
-    (ZeRO-3 checkpoints need DeepSpeed's ``zero_to_fp32`` consolidation).
+    Layouts: ``model.pt`` (plain PyTorch / DDP); DeepSpeed ZeRO 0-2 ``deepspeed/mp_rank_00_model_states.pt``;
+    DeepSpeed ZeRO-3 partitions consolidated to fp32 with DeepSpeed's ``zero_to_fp32``; FSDP2
+    ``fsdp/`` (``torch.distributed.checkpoint``) converted with ``dcp_to_torch_save``.
 
     Raises:
         FileNotFoundError: ``ckpt`` has no model weights of a known layout.
@@ -132,7 +133,20 @@ def load_model_state(ckpt: Path) -> Dict[str, torch.Tensor]:
     ckpt = Path(ckpt)
     if (ckpt / "model.pt").is_file():
         return torch.load(ckpt / "model.pt", map_location="cpu")
-    ds = ckpt / "deepspeed" / "mp_rank_00_model_states.pt"
-    if ds.is_file():
-        return torch.load(ds, map_location="cpu", weights_only=False)["module"]
+    ds = ckpt / "deepspeed"
+    if (ds / "mp_rank_00_model_states.pt").is_file():  # ZeRO 0-2: full module weights in one file
+        return torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    if (ds / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():  # ZeRO-3: per-rank partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+    if (ckpt / "fsdp" / ".metadata").is_file():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(ckpt / "fsdp"), f"{tmp}/full.pt")
+            return torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)["model"]
     raise FileNotFoundError(f"no model weights in checkpoint {ckpt}")
+

@@ -18,6 +18,7 @@ from typing import List, Optional
 from harness.config import ConfigError, describe, from_dict, load_preset, merge, nested, parse_override
 
 DEFAULT_PRESET = "digits"
+OOM_EXIT = 3  # exit status of a training process that ran out of memory (status/rank_*.json says "oom")
 DIGITS_DIR = "data/digits"
 
 # flag -> dotted config key
@@ -30,6 +31,8 @@ TRAIN_FLAGS = {
     "--train-samples": ("train.train_samples", int, "training length in samples (sets the LR schedule)"),
     "--epochs": ("train.epochs", float, "training length in epochs of the training data"),
     "--precision": ("train.precision", str, "fp32 | bf16 | fp16"),
+    "--attention": ("model.attention", str, "sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | math | flash_attn"),
+    "--grad-checkpointing": ("model.grad_checkpointing", int, "checkpoint every k-th block of both towers (0 off)"),
     "--seed": ("train.seed", int, "seed for init, data order and augmentation"),
     "--output-dir": ("output_dir", str, "parent folder of run directories"),
     "--run-name": ("run_name", str, "run directory name (default: model name)"),
@@ -113,7 +116,13 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
             ensure_digits(DIGITS_DIR)
         from harness.train import run
 
-        run(cfg)
+        import torch
+
+        try:
+            run(cfg)
+        except torch.OutOfMemoryError as e:
+            print(f"error: out of memory: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            return OOM_EXIT
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,6 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train a model (same flags as train.py)", add_help=False)
     sub.add_parser("profile", help="per-model step time / memory / GFLOPs / MFU report", add_help=False)
+    sub.add_parser("fit-probe", help="largest micro batch per (model, stage, precision, ...) cell: the memory-fit "
+                   "table", add_help=False)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dg = dsub.add_parser("digits", help="write the embedded digits dataset as img2dataset-style shards")
@@ -183,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--json", action="store_true")
     if argv[:1] == ["train"]:
         return train_main(argv[1:], prog="harness train")
+    if argv[:1] == ["fit-probe"]:
+        from harness.fitprobe import main as fit_probe_main
+        return fit_probe_main(argv[1:])
     if argv[:1] == ["profile"]:
         from harness.profile import main as profile_main
         return profile_main(argv[1:])

@@ -10,6 +10,7 @@ Batch arithmetic lives in one place, :func:`batch_layout`:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,15 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "ViT-tiny-8"
     """Registered model name (``harness models`` lists them)."""
+    attention: str = "sdpa"
+    """Attention kernel of both towers: ``sdpa`` (PyTorch picks), ``sdpa_flash``, ``sdpa_efficient``,
+    ``sdpa_cudnn`` (SDPA forced to one kernel), ``math`` (unfused reference: "flash off"), ``flash_attn``
+    (the flash-attn package; CUDA, bf16/fp16)."""
+    grad_checkpointing: int = 0
+    """Activation checkpointing: recompute every k-th transformer block of both towers in backward
+    (non-reentrant); 0 off, 1 every block."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (in place, so checkpoints keep their keys)."""
 
 
 @dataclass
@@ -64,7 +74,14 @@ class TrainConfig:
     """Stop after this many optimizer steps without changing the schedule (a run stopped here and
     resumed behaves exactly like one killed at that step)."""
     precision: str = "fp32"
-    """Numeric precision: ``fp32``, ``bf16`` (autocast / DeepSpeed bf16) or ``fp16`` (GPU only)."""
+    """Numeric precision: ``fp32``, ``bf16`` or ``fp16`` (dynamic loss scaling); mapped onto DeepSpeed's
+    bf16/fp16 modes, FSDP2's mixed-precision policy or ``torch.autocast``. CLIP's ``logit_scale`` and the
+    loss stay fp32."""
+    loss_scale_init: float = 65536.0
+    """fp16: initial dynamic loss scale (a power of 2; DeepSpeed's ``initial_scale_power`` = log2 of it)."""
+    loss_scale_window: int = 1000
+    """fp16: overflow-free optimizer steps before the loss scale doubles (``GradScaler`` growth interval,
+    DeepSpeed ``loss_scale_window``); an overflowing step is skipped and halves the scale."""
     seed: int = 0
     """Seed for model init, data order and augmentation."""
     log_every_steps: int = 1
@@ -73,6 +90,18 @@ class TrainConfig:
     """Steps excluded from ``avg_step_time_s`` and ``samples_per_s`` as warm-up."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0."""
+    track_memory: bool = False
+    """CPU: count live tensor bytes (:mod:`harness.memory`) so ``peak_mem_gib`` is the tensor peak, the CPU
+    analogue of ``torch.cuda.max_memory_allocated``, rather than process RSS. On by itself with a budget."""
+    memory_budget_gib: Optional[float] = None
+    """Per-process memory ceiling in GiB, failing like a GPU out-of-memory: on a CPU, live tensor bytes past
+    it raise ``torch.OutOfMemoryError``; on a GPU, ``torch.cuda.set_per_process_memory_fraction`` caps the
+    caching allocator (emulating a smaller card). Must not exceed the device's memory."""
+    emulate_world_size: Optional[int] = None
+    """Run one process as rank 0 of a world of this size on PyTorch's fake process group: shards, buckets and
+    the contrastive logits have their real sizes, collectives return tensors of the right shape with
+    meaningless values. Measures one rank's memory for a GPU count that is not present (fit probe); the
+    losses it logs mean nothing."""
     profile_step: Optional[int] = None
     """Record a PyTorch profiler trace of this step (``trace_step<N>_rank<R>.json`` in the run directory)
     and, on CUDA, a memory snapshot (``memory_snapshot_step<N>_rank<R>.pickle``, for pytorch.org/memory_viz)."""
@@ -109,6 +138,9 @@ class CheckpointConfig:
     checkpoint directory."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    stop_file: Optional[str] = None
+    """When this file exists (checked at each log step, agreed by all ranks), save a checkpoint and stop
+    without evaluating; the Slurm template creates it before the time limit and requeues the job."""
 
 
 @dataclass
@@ -333,7 +365,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     """
     import models  # local: keep config importable without torch for tooling
 
-    world_size = world_size or launch_world_size()
+    if cfg.train.emulate_world_size is not None and cfg.train.emulate_world_size < 1:
+        raise ConfigError(f"train.emulate_world_size: must be a positive integer, got {cfg.train.emulate_world_size}")
+    world_size = world_size or cfg.train.emulate_world_size or launch_world_size()
     try:
         models.get_spec(cfg.model.name)
     except ValueError as e:
@@ -341,11 +375,18 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     t, o, c, d, e = cfg.train, cfg.optim, cfg.checkpoint, cfg.data, cfg.eval
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if t.precision == "fp16":
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError("train.precision: fp16 needs a CUDA GPU (no fp16 kernels/loss scaling on CPU); "
-                              "use bf16 or fp32 on this machine")
+    check_model_knobs(cfg)
+    if not (t.loss_scale_init >= 1 and math.log2(t.loss_scale_init).is_integer()):
+        raise ConfigError(f"train.loss_scale_init: must be a power of 2 >= 1, got {t.loss_scale_init}")
+    if t.memory_budget_gib is not None:
+        total = host_memory_gib()
+        if not t.memory_budget_gib > 0:
+            raise ConfigError(f"train.memory_budget_gib: must be > 0, got {t.memory_budget_gib}")
+        if not _cuda_available() and t.memory_budget_gib > total:
+            raise ConfigError(f"train.memory_budget_gib: {t.memory_budget_gib:g} GiB is more than this machine's "
+                              f"{total:.1f} GiB of memory")
+    if t.loss_scale_window < 1:
+        raise ConfigError(f"train.loss_scale_window: must be >= 1, got {t.loss_scale_window}")
     layout = batch_layout(t, world_size)
     if (t.train_samples is None) == (t.epochs is None):
         raise ConfigError("train.train_samples / train.epochs: set exactly one of them")
@@ -385,6 +426,49 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
             raise ConfigError(f"eval.zeroshot_data: {e.zeroshot_data!r} is not a directory (ImageFolder layout: one "
                               "sub-folder of images per class); set it to null to skip zero-shot eval")
     return layout
+
+
+def host_memory_gib() -> float:
+    """Physical memory of this machine in GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_model_knobs(cfg: JobConfig) -> None:
+    """Check attention backend, checkpointing and precision against this machine without touching a GPU
+    (no CUDA context is created: ranks have not picked their device yet). The kernels themselves are
+    tried once the device is set (:func:`models.attention.check_backend`).
+
+    Raises:
+        ConfigError: unknown value, or one this machine cannot run (named, with what it can).
+    """
+    import torch
+
+    from models.attention import ATTENTION_BACKENDS, flash_attn_available
+
+    m, t = cfg.model, cfg.train
+    if m.attention not in ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention: {m.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    cuda = _cuda_available()
+    if not cuda and m.attention in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
+        raise ConfigError(f"model.attention: {m.attention!r} needs a CUDA GPU; available on this CPU machine: "
+                          "sdpa, sdpa_flash, math")
+    if m.attention == "flash_attn":
+        if not flash_attn_available():
+            raise ConfigError("model.attention: 'flash_attn' needs the flash-attn package (pip install "
+                              "'.[flash]' on a CUDA machine); available without it: sdpa, sdpa_flash, "
+                              "sdpa_efficient, sdpa_cudnn, math")
+        if t.precision == "fp32":
+            raise ConfigError("model.attention: 'flash_attn' runs in bf16/fp16 only; set train.precision to bf16 "
+                              "or fp16, or use sdpa / math with fp32")
+    if m.grad_checkpointing < 0:
+        raise ConfigError(f"model.grad_checkpointing: must be >= 0 (0 off, k: every k-th block), got "
+                          f"{m.grad_checkpointing}")
 
 
 def describe(cls=JobConfig, prefix: str = "") -> List[str]:

@@ -55,11 +55,14 @@ class StepTimer:
         return sum(kept_w) / sum(kept_t) if kept_t and sum(kept_t) > 0 else None
 
 
-def peak_memory_gib(device: torch.device) -> tuple:
-    """``(peak GiB, kind)``: CUDA ``max_memory_allocated`` on a GPU, else the process's peak RSS
-    (``ru_maxrss``, which on CPU includes the Python runtime and libraries, not just tensors)."""
+def peak_memory_gib(device: torch.device, tracker=None) -> tuple:
+    """``(peak GiB, kind)``: CUDA ``max_memory_allocated`` on a GPU; on a CPU the tracked tensor peak when a
+    :class:`harness.memory.TensorMemoryTracker` ran, else the process's peak RSS (``ru_maxrss``, which
+    includes the Python runtime and libraries, not just tensors)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    if tracker is not None:
+        return tracker.peak_bytes / 2**30, "cpu_tensor_peak"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return rss * scale / 2**30, "cpu_max_rss"

@@ -23,14 +23,13 @@ import argparse
 import csv
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.launch import run_training
 
 # Dense peak TFLOP/s by device-name substring and precision (vendor data sheets; fp32 = TF32 tensor cores
 # where the device has them, as PyTorch uses them for fp32 matmuls only when allowed).
@@ -93,7 +92,7 @@ def run_one(model: str, batch: int, args, out: Path) -> Dict[str, Any]:
     run_name = f"{model}-b{batch}"
     world = args.num_processes if args.launch_config else 1
     samples = (args.steps * batch * world)
-    train_args = [str(REPO_ROOT / "train.py"), "--config", "synthetic", "--model", model,
+    train_args = ["--config", "synthetic", "--model", model,
                   "--train-data", args.train_data, "--micro-batch-size", str(batch), "--train-samples", str(samples),
                   "--precision", args.precision, "--output-dir", str(out / "runs"), "--run-name", run_name,
                   f"train.timing_warmup_steps={args.warmup_steps}", "train.progress_bar=false",
@@ -103,21 +102,16 @@ def run_one(model: str, batch: int, args, out: Path) -> Dict[str, Any]:
         train_args.append(f"data.num_workers={args.num_workers}")
     if args.trace_step:
         train_args.append(f"train.profile_step={args.trace_step}")
-    if args.launch_config:
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", args.launch_config,
-               "--num_processes", str(args.num_processes), *train_args]
-    else:
-        cmd = [sys.executable, *train_args]
     run_dir = out / "runs" / run_name
     if (run_dir / "summary.json").is_file() and not args.rerun:
         return json.loads((run_dir / "summary.json").read_text())
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"profile run {run_name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+    res = run_training(train_args, run_dir, args.launch_config, args.num_processes)
+    if res.summary is None or res.returncode != 0:
+        raise RuntimeError(f"profile run {run_name} failed ({res.returncode}):\n{res.output[-4000:]}")
+    return res.summary
 
 
 def _compression(name: str) -> Optional[float]:
@@ -280,7 +274,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the child runs in the repository root
+    if args.launch_config:
+        args.launch_config = str(Path(args.launch_config).resolve())
     rows = build_rows(names, batches, args, out)
     write_report(rows, out, args)
     print((out / "report.md").read_text())

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,8 @@ import models
 from harness import checkpoint as ckpt_mod
 from harness.config import BatchLayout, ConfigError, JobConfig, to_dict, validate
 from harness.data import DataTracker, build_train_loader, epoch_samples
-from harness.engine import autocast_dtype, build_engine, detect_launch, init_distributed, local_parameter_elements
+from harness.engine import (autocast_dtype, build_engine, check_device_support, detect_launch, device_memory_gib,
+                            init_distributed, local_parameter_elements, select_device)
 from harness.metrics import JsonlWriter, StepTimer, peak_memory_gib
 from harness.schedule import build_scheduler
 from harness.zeroshot import zeroshot_eval
@@ -176,7 +178,52 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
     if resume_from is not None:
         check_resume_compatible(ckpt_mod.read_meta(resume_from), cfg, layout, total_samples)
 
-    rank, world, device = init_distributed(launch)
+    device = select_device()
+    check_device_support(cfg, device, launch)
+    rank, world = init_distributed(launch, device, cfg.train.emulate_world_size)
+    mem = memory_tracker(cfg, device, rank)
+    try:
+        with mem or contextlib.nullcontext():
+            summary = _run(cfg, layout, launch, total_samples, resume_from, device, rank, world, mem)
+    except torch.OutOfMemoryError as e:
+        # the outcome of this rank, for fit probes and for the user; the launcher stops the other ranks
+        write_status(cfg.run_dir, rank, "oom", str(e).strip().splitlines()[0][:500])
+        raise
+    except Exception as e:
+        write_status(cfg.run_dir, rank, "error", f"{type(e).__name__}: {str(e).strip()[:500]}")
+        raise
+    write_status(cfg.run_dir, rank, "ok", "")
+    return summary
+
+
+def write_status(run_dir: Path, rank: int, status: str, message: str) -> None:
+    """``run_dir/status/rank_XXXXX.json``: ``{"status": "ok"|"oom"|"error", "message": ...}`` of this rank."""
+    folder = Path(run_dir) / "status"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "status": status, "message": message}))
+
+
+RANK_BUDGET_SCALE_ENV = "HARNESS_MEMORY_BUDGET_SCALE_RANK"
+"""Test hook: ``"R:F"`` multiplies rank R's ``train.memory_budget_gib`` by F (one rank with less memory, as
+on a cluster with mixed 16/32 GB cards), so a probe where only one rank runs out of memory can be made."""
+
+
+def memory_tracker(cfg: JobConfig, device: torch.device, rank: int):
+    """A :class:`harness.memory.TensorMemoryTracker` on a CPU when memory is tracked or budgeted, else None
+    (on a GPU the budget is the allocator's memory fraction, set by ``check_device_support``)."""
+    from harness.memory import TensorMemoryTracker
+
+    budget = cfg.train.memory_budget_gib
+    if device.type != "cpu" or not (cfg.train.track_memory or budget):
+        return None
+    hook = os.environ.get(RANK_BUDGET_SCALE_ENV, "")
+    if budget and hook.split(":")[0] == str(rank):
+        budget *= float(hook.split(":")[1])
+    return TensorMemoryTracker(int(budget * 2 ** 30) if budget else None)
+
+
+def _run(cfg: JobConfig, layout: BatchLayout, launch, total_samples: int, resume_from: Optional[Path],
+         device: torch.device, rank: int, world: int, mem) -> Optional[Dict[str, Any]]:
     setup_logging(rank)
     run_dir = cfg.run_dir
     if rank == 0:
@@ -186,7 +233,8 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
     stop_step = min(total_steps, cfg.train.max_steps or total_steps)
 
     seed_everything(cfg.train.seed)  # same init on every rank
-    model = models.create_model(cfg.model.name)
+    model = models.create_model(cfg.model.name, attention=cfg.model.attention)
+    knobs = apply_model_knobs(model, cfg)
     sched_fn = lambda opt: build_scheduler(opt, total_samples, cfg.optim.warmup_samples, layout.global_batch_size,
                                            cfg.optim.min_lr_ratio)
     engine = build_engine(model, cfg, layout, sched_fn, device, launch)
@@ -208,16 +256,34 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
     writer = JsonlWriter(run_dir / "metrics.jsonl", enabled=rank == 0)
     timer = StepTimer(cfg.train.timing_warmup_steps)
     log.info("model %s (%.2fM params) | engine %s | world %d | micro %d x accum %d -> global %d | steps %d of %d "
-             "(%d samples) | device %s", cfg.model.name, engine.num_parameters() / 1e6, engine.kind,
-             world, layout.micro_batch_size, layout.grad_accum_steps, layout.global_batch_size, stop_step, total_steps,
-             total_samples, device)
+             "(%d samples) | device %s | %s %s | attention %s | checkpointed blocks %s | compiled blocks %d",
+             cfg.model.name, engine.num_parameters() / 1e6, engine.kind, world, layout.micro_batch_size,
+             layout.grad_accum_steps, layout.global_batch_size, stop_step, total_steps, total_samples, device,
+             cfg.train.precision, _precision_note(engine), cfg.model.attention, knobs["checkpointed_blocks"],
+             knobs["compiled_blocks"])
 
     summary = _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, rank, world, step,
-                    stop_step, total_steps, total_samples)
+                    stop_step, total_steps, total_samples, mem)
     writer.close()
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def apply_model_knobs(model, cfg: JobConfig) -> Dict[str, Any]:
+    """Activation checkpointing, then ``torch.compile``, on the plain model, before the engine shards it
+    (torchtitan's order: ``apply_ac``, ``apply_compile``, ``apply_fsdp``). Returns what was applied."""
+    from models.blocks import compile_blocks, set_grad_checkpointing
+
+    every = cfg.model.grad_checkpointing
+    checkpointed = set_grad_checkpointing(model, every) if every else {"image": 0, "text": 0}
+    compiled = compile_blocks(model) if cfg.model.compile else 0
+    return {"checkpointed_blocks": checkpointed, "compiled_blocks": compiled}
+
+
+def _precision_note(engine) -> str:
+    return {"deepspeed": "(DeepSpeed native)", "fsdp": "(FSDP2 mixed precision + autocast)"}.get(
+        engine.kind, "(autocast)")
 
 
 def _rank_state(tracker: DataTracker) -> Dict[str, Any]:
@@ -225,7 +291,7 @@ def _rank_state(tracker: DataTracker) -> Dict[str, Any]:
 
 
 def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, rank, world, step, stop_step,
-          total_steps, total_samples) -> Optional[Dict[str, Any]]:
+          total_steps, total_samples, mem) -> Optional[Dict[str, Any]]:
     from tqdm import tqdm
 
     root = ckpt_mod.checkpoint_root(cfg.run_dir)
@@ -248,6 +314,7 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
     evals: Dict[str, float] = {}
     interval: Dict[str, list] = {}  # per-micro-batch scalars since the last log line
     saved_at = step  # step of the last checkpoint written by this process (or resumed from)
+    stop_file, stop_requested = cfg.checkpoint.stop_file, False
     while step < stop_step:
         profiler = _start_profile(cfg, device) if cfg.train.profile_step == step + 1 else None
         t0 = time.perf_counter()
@@ -271,11 +338,14 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
             counters = tracker.counters()
             # over the micro batches since the last log line, then over ranks: "*_max" keys by max,
             # the others by mean; the bad-sample counters are summed in the same reduction as the means
+            # (the stop-file flag rides in the same sum: every rank stops at the same step)
             maxes = {k: torch.stack(v).max().item() for k, v in interval.items() if k.endswith("_max")}
             means = {k: torch.stack(v).mean().item() for k, v in interval.items() if k not in maxes}
-            reduced = _reduce([*means.values(), *counters.values()], "sum", device)
+            stop_seen = float(bool(stop_file) and os.path.exists(stop_file))
+            reduced = _reduce([*means.values(), *counters.values(), stop_seen], "sum", device)
             means = {k: r / world for k, r in zip(means, reduced)}
-            bad = {k: int(v) for k, v in zip(counters, reduced[len(means):])}
+            bad = {k: int(v) for k, v in zip(counters, reduced[len(means):-1])}
+            stop_requested = reduced[-1] > 0
             if maxes:
                 means.update(zip(maxes, _reduce(list(maxes.values()), "max", device)))
             interval = {}
@@ -285,7 +355,8 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
                       "lr": engine.lr(), "grad_norm": engine.grad_norm,
                       "step_time_s": timer.times[-1], "data_wait_s": wait,
                       "samples_per_s": layout.global_batch_size / avg, "epoch": tracker.epoch(),
-                      "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps, **means}
+                      "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps,
+                      "loss_scale": engine.loss_scale(), **means}
             writer.write(record)
             postfix = dict(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.0f}")
             if "shortening_factor" in means:
@@ -299,18 +370,22 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             save(step)
             saved_at = step
+        if stop_requested:
+            log.info("stop file %s found: checkpointing at step %d and stopping", stop_file, step)
+            break
     bar.close()
-    if cfg.checkpoint.save_final and step > start_step and saved_at != step:
+    if (cfg.checkpoint.save_final or stop_requested) and step > start_step and saved_at != step:
         save(step)
-    if cfg.eval.zeroshot_data:
+    if cfg.eval.zeroshot_data and not stop_requested:
         evals = _evaluate(cfg, engine, device)
         writer.write({"step": step, **evals})
         log.info("zero-shot top-1 %.4f top-5 %.4f on %d images", evals["zeroshot_top1"], evals["zeroshot_top5"],
                  evals["zeroshot_images"])
 
     local_params = local_parameter_elements(engine.module)
-    peak, kind = peak_memory_gib(device)
-    peak_t = _reduce([peak], "max", device)[0]
+    peak, kind = peak_memory_gib(device, mem)
+    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else 0.0
+    peak_t, reserved_t = _reduce([peak, reserved], "max", device)
     counters = tracker.counters()
     bad = {k: int(v) for k, v in zip(counters, _reduce(list(counters.values()), "sum", device))}
     if rank != 0:
@@ -319,6 +394,8 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
     summary = {
         "model": cfg.model.name, "engine": engine.kind,
         "zero_stage": getattr(engine, "zero_stage", None), "precision": cfg.train.precision,
+        "attention": cfg.model.attention, "grad_checkpointing": cfg.model.grad_checkpointing,
+        "compile": cfg.model.compile, "stopped_by_stop_file": stop_requested,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": world, "micro_batch_size": layout.micro_batch_size,
         "parameters": engine.num_parameters(), "rank0_local_parameter_elements": local_params,
@@ -332,6 +409,8 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
         "samples_per_s": layout.global_batch_size / avg if avg else None,
         "data_wait_fraction": timer.data_wait_fraction(),
         "peak_mem_gib": peak_t, "peak_mem_kind": kind,
+        "peak_reserved_gib": reserved_t if device.type == "cuda" else None,
+        "device_memory_gib": device_memory_gib(device), "memory_budget_gib": cfg.train.memory_budget_gib,
         "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps,
         "run_dir": str(cfg.run_dir),
     }

@@ -131,9 +131,12 @@ def architecture(name: str) -> dict:
     return cfg
 
 
-def create_model(name: str, device: str = "cpu") -> nn.Module:
+def create_model(name: str, device: str = "cpu", attention: str = "sdpa") -> nn.Module:
     """Build the CLIP model ``name`` with random weights, in fp32, on ``device`` (``"meta"``: shapes
-    only, no memory, for counting parameters of large models).
+    only, no memory, for counting parameters of large models), with every self-attention of both
+    towers running on the ``attention`` backend (:mod:`models.attention`: ``sdpa``, ``sdpa_flash``,
+    ``sdpa_efficient``, ``sdpa_cudnn``, ``math``, ``flash_attn``; availability is checked by the
+    harness, :func:`models.attention.check_backend`).
 
     The model's ``forward(image [B, 3, H, W], text [B, context_length] int64)`` returns a dict with
     ``image_features`` and ``text_features`` (both ``[B, embed_dim]``, L2-normalised) and
@@ -143,8 +146,10 @@ def create_model(name: str, device: str = "cpu") -> nn.Module:
     DeepSpeed ZeRO-3's parameter broadcast and FSDP2 (``../shared/design/environment.md``).
 
     Raises:
-        ValueError: unknown ``name``.
+        ValueError: unknown ``name`` or ``attention``.
     """
+    from models.attention import set_attention_backend
+
     spec = get_spec(name)
     if spec.family == "dtp-vit":
         model = _create_dtp(name, device)
@@ -155,7 +160,7 @@ def create_model(name: str, device: str = "cpu") -> nn.Module:
         model = open_clip.create_model(name, pretrained=None, output_dict=True, device=device)
     if model.logit_scale.dim() == 0:
         model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
-    return model
+    return set_attention_backend(model, attention)
 
 
 def _create_dtp(name: str, device: str) -> nn.Module:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
+
+from models.attention import MASKLESS_ON_CUDA, TimmSelfAttention
 
 POOLINGS = ("mean", "mean_no_cls", "cls", "last")
 EVAL_BOUNDARIES = ("expected_count", "threshold")
@@ -33,27 +36,6 @@ NUMERICS = ("safe", "reference")
 VARLEN = ("auto", "off", "torch")
 
 
-def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           max_seqlen: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None
-                           ) -> torch.Tensor:
-    """Reference for ``flash_attn.flash_attn_varlen_func`` (same signature subset): attention within each
-    packed sequence. ``q, k, v``: ``[T, H, d]`` (T = total valid tokens); ``cu_seqlens``: ``[B + 1]`` int32
-    offsets. Returns ``[T, H, d]``. Used where flash-attn is absent (CPU, tests)."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, n, d]
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p,
-                                                        scale=softmax_scale).transpose(0, 1)
-    return out
-
-
-def _flash_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
 BOUNDARY_LOSSES = ("binomial",)
 _REJECTED_LOSSES = {
     "entropy": "entropy-spike supervision places boundaries where a language model's next-token entropy spikes; "
@@ -95,9 +77,10 @@ class DTPConfig:
             in the autocast dtype, ``RelaxedBernoulli(probs=...)``, no clamp), kept only to reproduce
             its fp16 failures (``profiling/dtp_fp16_stress.py``).
         varlen: attention of the shortened layers on packed (unpadded) segments, so padding costs
-            nothing: ``auto`` uses flash-attn's ``flash_attn_varlen_func`` when the package imports and
-            the tokens are fp16/bf16 on CUDA, else the padded path with a key-padding mask; ``off``
-            always pads; ``torch`` packs with a PyTorch reference kernel (tests, CPU checks).
+            nothing: ``auto`` packs when the attention backend (:mod:`models.attention`) is ``flash_attn``
+            (``flash_attn_varlen_func``) or is a kernel that takes no padding mask on this device
+            (``sdpa_flash``/``sdpa_cudnn`` on CUDA: one image at a time), else pads with a key-padding
+            mask; ``off`` always pads; ``torch`` always packs (per-image attention: tests, CPU checks).
         output_dim: CLIP embedding width.
     """
 
@@ -206,10 +189,10 @@ class DTPViT(nn.Module):
     ``compression`` patches, for nominal FLOP counts, DynamicViT style).
     """
 
+    attention_backend = "sdpa"  # set by models.attention.set_attention_backend
+
     def __init__(self, cfg: DTPConfig):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         self.cfg = cfg
         self.image_size = (cfg.image_size, cfg.image_size)
         self.output_dim = cfg.output_dim
@@ -221,7 +204,8 @@ class DTPViT(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(D))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.num_patches + 1, D))
         self.ln_pre = nn.LayerNorm(D)
-        make = lambda n: nn.ModuleList([Block(D, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True) for _ in range(n)])
+        make = lambda n: nn.ModuleList([DTPBlock(D, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                                                 attn_layer=TimmSelfAttention) for _ in range(n)])
         self.pre_blocks = make(cfg.pre_layers)
         hidden = cfg.predictor_hidden or D
         self.boundary_predictor = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -235,13 +219,18 @@ class DTPViT(nn.Module):
         self.ln_post = nn.LayerNorm(D)
         self.proj = nn.Parameter(scale * torch.randn(D, cfg.output_dim))
         self.boundary_mode = "learned"
-        self.grad_checkpointing = False
         self.last_stats: Dict[str, torch.Tensor] = {}
         self._boundary_loss: Optional[torch.Tensor] = None
 
+    def block_lists(self) -> List[nn.ModuleList]:
+        """The tower's transformer blocks in forward order: pre, shortened, post (for per-block wrappers)."""
+        return [self.pre_blocks, self.shortened_blocks, self.post_blocks]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each transformer block in backward (non-reentrant activation checkpointing)."""
-        self.grad_checkpointing = enable
+        """Recompute each transformer block in backward (non-reentrant activation checkpointing; open_clip API)."""
+        from models.blocks import checkpoint_every
+
+        checkpoint_every(self.block_lists(), 1 if enable else 0)
 
     def lock(self, *args, **kwargs):  # open_clip API parity (locking pretrained towers); nothing pretrained here
         raise NotImplementedError("DTP-ViT towers are trained from scratch; there is nothing to lock")
@@ -249,10 +238,7 @@ class DTPViT(nn.Module):
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, N] True = attend (SDPA)
         for blk in blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask, use_reentrant=False)
-            else:
-                x = blk(x, attn_mask=attn_mask)
+            x = blk(x, attn_mask=attn_mask)
             if mask is not None:
                 x = x * mask[..., None].to(x.dtype)  # keep padded rows at zero
         return x
@@ -306,21 +292,20 @@ class DTPViT(nn.Module):
         last = torch.ones_like(hard[:, -1:])
         return torch.cat([b[:, :-1], last], dim=1), torch.cat([hard[:, :-1], last], dim=1)
 
-    def _varlen_kernel(self, tokens: torch.Tensor):
-        if self.cfg.varlen == "torch":
-            return torch_varlen_attention
-        if self.cfg.varlen == "auto" and tokens.is_cuda and tokens.dtype in (torch.float16, torch.bfloat16):
-            return _flash_varlen()
-        return None
+    def _packs(self, tokens: torch.Tensor) -> bool:
+        """Whether the shortened layers run on packed segments (see ``DTPConfig.varlen``)."""
+        if self.cfg.varlen != "auto":
+            return self.cfg.varlen == "torch"
+        backend = self.attention_backend
+        return backend == "flash_attn" or (tokens.is_cuda and backend in MASKLESS_ON_CUDA)
 
     def shortened_forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Shortened layers on ``tokens [B, 1+S, D]`` (CLS first) with key-padding ``valid [B, 1+S]``.
 
-        With a varlen kernel (``DTPConfig.varlen``) the valid tokens are packed to ``[T, D]`` and every
-        block runs on them with per-image attention; padded rows come back as zeros.
+        Packed (``DTPConfig.varlen``): the valid tokens are gathered to ``[T, D]`` and every block runs on
+        them with per-image attention (:func:`models.attention.varlen_attention`); padded rows come back as zeros.
         """
-        kernel = self._varlen_kernel(tokens)
-        if kernel is None:
+        if not self._packs(tokens):
             return self._run(self.shortened_blocks, tokens, valid)
         lengths = valid.sum(dim=1, dtype=torch.int32)  # [B]
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
@@ -328,11 +313,7 @@ class DTPViT(nn.Module):
         index = valid.flatten().nonzero().squeeze(1)  # [T] rows of the flattened [B * (1+S)] tokens
         x = tokens.flatten(0, 1).index_select(0, index)  # [T, D]
         for blk in self.shortened_blocks:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(_varlen_block, blk, x, cu_seqlens, max_len, kernel,
-                                                      use_reentrant=False)
-            else:
-                x = _varlen_block(blk, x, cu_seqlens, max_len, kernel)
+            x = blk(x, packed=(cu_seqlens, max_len))
         out = tokens.new_zeros(tokens.shape[0] * tokens.shape[1], tokens.shape[2])
         return out.index_copy(0, index, x).view_as(tokens)
 
@@ -390,15 +371,14 @@ class DTPViT(nn.Module):
         return {"boundary_loss": self.cfg.boundary_loss_weight * self._boundary_loss}
 
 
-def _varlen_block(blk: nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, kernel) -> torch.Tensor:
-    """A timm ``Block`` on packed tokens ``x [T, D]``: the block's own layers, attention by ``kernel``."""
-    attn = blk.attn
-    h = blk.norm1(x)
-    qkv = attn.qkv(h).view(x.shape[0], 3, attn.num_heads, attn.head_dim)  # [T, 3, H, d]
-    q, k, v = qkv.unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    o = kernel(q, k, v, cu_seqlens, max_len, dropout_p=attn.attn_drop.p if blk.training else 0.0,
-               softmax_scale=attn.scale)  # [T, H, d]
-    o = attn.proj_drop(attn.proj(attn.norm(o.reshape(x.shape[0], attn.attn_dim))))
-    x = x + blk.drop_path1(blk.ls1(o))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+class DTPBlock(Block):
+    """timm's pre-norm ``Block`` (same parameters) whose forward also takes packed sequences:
+    ``forward(x [B, N, D], attn_mask=None)`` as timm, or ``forward(x [T, D], packed=(cu_seqlens, max_len))``
+    with per-sequence attention, so per-block wrappers (activation checkpointing) cover both paths."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                packed: Optional[Tuple[torch.Tensor, int]] = None) -> torch.Tensor:
+        if packed is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(self.attn.forward_packed(self.norm1(x), *packed)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

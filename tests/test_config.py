@@ -48,8 +48,13 @@ def test_validate_names_field_and_allowed_values(tmp_path):
         validate(_cfg(tmp_path, model={"name": "ViT-Q-99"}), world_size=1)
     with pytest.raises(ConfigError, match=r"train.precision: 'fp8' is not one of fp32, bf16, fp16"):
         validate(_cfg(tmp_path, train={"precision": "fp8"}), world_size=1)
-    with pytest.raises(ConfigError, match=r"train.precision: fp16 needs a CUDA GPU"):
-        validate(_cfg(tmp_path, train={"precision": "fp16"}), world_size=1)
+    with pytest.raises(ConfigError, match=r"model.attention: 'xformers' is not one of sdpa, sdpa_flash, "
+                                          r"sdpa_efficient, sdpa_cudnn, math, flash_attn"):
+        validate(_cfg(tmp_path, model={"attention": "xformers"}), world_size=1)
+    with pytest.raises(ConfigError, match=r"model.grad_checkpointing: must be >= 0"):
+        validate(_cfg(tmp_path, model={"grad_checkpointing": -1}), world_size=1)
+    with pytest.raises(ConfigError, match=r"train.loss_scale_init: must be a power of 2"):
+        validate(_cfg(tmp_path, train={"precision": "fp16", "loss_scale_init": 1000.0}), world_size=1)
     with pytest.raises(ConfigError, match=r"data.train_data: shard not found"):
         validate(_cfg(tmp_path, data={"train_data": str(tmp_path / "nope/{00000..00003}.tar")}), world_size=1)
     with pytest.raises(ConfigError, match=r"train.train_samples / train.epochs: set exactly one"):
@@ -97,3 +102,23 @@ def test_length_flag_replaces_the_presets_length(tmp_path):
     assert cfg.train.epochs == 2.0 and cfg.train.train_samples is None
     cfg, _ = build_config(["--config", "clip", "--train-samples", "1000"])
     assert cfg.train.train_samples == 1000 and cfg.train.epochs is None and cfg.model.name == "ViT-B-32"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks what a CPU-only machine refuses")
+def test_what_this_cpu_cannot_run_is_refused_naming_what_it_can(tmp_path):
+    import torch
+
+    from harness.engine import LaunchInfo, check_device_support
+
+    for backend in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
+        with pytest.raises(ConfigError, match=rf"model.attention: '{backend}' needs a CUDA GPU; available on "
+                                              r"this CPU machine: sdpa, sdpa_flash, math"):
+            validate(_cfg(tmp_path, model={"attention": backend}), world_size=1)
+    cpu = torch.device("cpu")
+    fp16 = _cfg(tmp_path, train={"precision": "fp16"})
+    validate(fp16, world_size=1)  # fp16 itself runs on a CPU (autocast + GradScaler) ...
+    check_device_support(fp16, cpu, LaunchInfo())
+    with pytest.raises(ConfigError, match=r"train.precision: DeepSpeed's fp16 mode needs a GPU"):
+        check_device_support(fp16, cpu, LaunchInfo(deepspeed=True))  # ... but not DeepSpeed's fp16
+    for backend in ("sdpa", "sdpa_flash", "math"):  # the kernel itself is tried on the device
+        check_device_support(_cfg(tmp_path, model={"attention": backend}), cpu, LaunchInfo())
