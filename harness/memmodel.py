@@ -1,0 +1,369 @@
+"""Analytic predictor of one rank's peak memory for a fit-probe cell, calibrated from measured probes.
+
+Peak = max(forward/backward peak, optimizer-step peak), with
+
+* **model states** by engine and ZeRO stage (Rajbhandari et al., ZeRO, arXiv 1910.02054: parameters,
+  gradients and AdamW state, sharded over N ranks from stage 1/2/3 on; FSDP2 full shard ~ stage 3,
+  shard-grad-op keeps the transformer blocks gathered from forward to backward). This harness keeps fp32
+  parameters in the module under bf16 (autocast / DeepSpeed ``torch_autocast``), so a parameter costs
+  4 (module) + 4 (gradient) + 8 (AdamW) bytes before sharding; DeepSpeed's fp32 partition copy adds 4/N
+  from stage 1 on; DeepSpeed's native fp16 (ZeRO 1-3) keeps a 2-byte module copy;
+* **runtime buffers** read from the launch JSON: DeepSpeed's gradient bucket (``reduce_bucket_size``
+  elements, two of them with ``overlap_comm`` at stage 2), DDP's gradient buckets (a copy of the gradients);
+* **activations** per sample, per transformer block with ``s`` tokens, width ``h``, MLP width ``m``, ``a``
+  heads (Korthikanti et al., arXiv 2205.05198, counted for these blocks): ``9 s h + 2 s m`` elements saved
+  for backward, plus ``a s^2`` with the unfused ``math`` attention (FlashAttention-style kernels keep
+  O(s)); a checkpointed block keeps only its input ``s h`` and one block is recomputed at a time. Both
+  towers are summed (image: ``1 + (image/patch)^2`` tokens, DTP-ViT's shortened layers ``1 + L/compression``;
+  text: the context length). Elements cost 4 bytes in fp32 and 2 under bf16/fp16 autocast;
+* **contrastive loss** with a local loss: each rank holds ``[B, N B]`` logits for image and text (fp32,
+  saved log-softmax outputs and their gradients: ``16 N B^2`` bytes) and the gathered features.
+
+Calibration (:meth:`MemoryModel.add_measurement`): for each family of cells sharing model, precision,
+attention and checkpointing, a multiplier on the per-batch terms is fitted to how measured peaks grow
+with the batch within a cell, and each measured setup (stage, world size) gets its additive offset;
+setups not measured yet take the family's mean offset, families without measurements the analytic
+values. :meth:`MemoryModel.error_report` compares predictions with every
+measured probe.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+GIB = 2.0 ** 30
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# stage name -> launch YAML in ds_configs/ (None: plain PyTorch, torchrun for several ranks)
+STAGES = {"ddp": None, "0": "zero0", "1": "zero1", "2": "zero2", "3": "zero3", "2-offload": "zero2_offload",
+          "3-offload": "zero3_offload", "fsdp": "fsdp", "fsdp-sgo": "fsdp_shard_grad_op"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block: ``tokens`` s, ``width`` h, ``mlp`` hidden width, ``heads`` a, ``params``."""
+
+    tokens: int
+    width: int
+    mlp: int
+    heads: int
+    params: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs of an architecture (from a meta-device build: no memory used).
+
+    Attributes:
+        params: trainable parameters P.
+        towers: ``{"image": [Block...], "text": [Block...]}`` in forward order.
+        root_params: parameters outside the transformer blocks (embeddings, projections, norms, logit scale).
+        embed_dim: CLIP embedding width d.
+        image_elems: elements of one input image (3 H W).
+        largest_param: elements of the largest parameter tensor (the token embedding, usually).
+    """
+
+    params: int
+    towers: Dict[str, Tuple[Block, ...]]
+    root_params: int
+    embed_dim: int
+    image_elems: int
+    largest_param: int
+
+    @property
+    def block_params(self) -> int:
+        return self.params - self.root_params
+
+    @property
+    def largest_block(self) -> int:
+        return max(b.params for blocks in self.towers.values() for b in blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def model_shape(name: str) -> ModelShape:
+    """:class:`ModelShape` of a registered model (built on the meta device)."""
+    import models
+    from models.blocks import tower_block_lists
+
+    model = models.create_model(name, device="meta")
+    arch = models.architecture(name)
+    vis, txt = arch["vision_cfg"], arch["text_cfg"]
+    size = vis["image_size"] if isinstance(vis["image_size"], int) else vis["image_size"][0]
+    patches = (size // vis["patch_size"]) ** 2
+    dtp = arch.get("dtp_cfg")
+    lists = tower_block_lists(model)
+    towers = {}
+    for tower, block_lists in lists.items():
+        blocks = []
+        for i, blist in enumerate(block_lists):
+            if tower == "text":
+                tokens = txt.get("context_length", 77)
+            elif dtp and i == 1:  # DTP-ViT's shortened layers: CLS + expected segments
+                tokens = 1 + math.ceil(patches / dtp["compression"])
+            else:
+                tokens = 1 + patches
+            for blk in blist:
+                n = sum(p.numel() for p in blk.parameters())
+                width = (txt["width"] if tower == "text" else (dtp["width"] if dtp else vis["width"]))
+                heads = (txt.get("heads", 8) if tower == "text" else
+                         (dtp["heads"] if dtp else vis["width"] // vis.get("head_width", 64)))
+                mlp = int(width * ((dtp or {}).get("mlp_ratio", 4.0) if tower == "image" else txt.get("mlp_ratio", 4.0)))
+                blocks.append(Block(tokens, width, mlp, heads, n))
+        towers[tower] = tuple(blocks)
+    params = sum(p.numel() for p in model.parameters())
+    in_blocks = sum(b.params for blocks in towers.values() for b in blocks)
+    return ModelShape(params, towers, params - in_blocks, arch["embed_dim"], 3 * size * size,
+                      max(p.numel() for p in model.parameters()))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The non-model part of a cell: engine/stage, precision, checkpointing, attention, world size."""
+
+    stage: str
+    precision: str
+    checkpointing: int
+    attention: str
+    world: int
+
+    @property
+    def launch_json(self) -> Dict:
+        name = STAGES[self.stage]
+        if name is None or name.startswith("fsdp"):
+            return {}
+        return json.loads((REPO_ROOT / "ds_configs" / f"{name}.json").read_text())
+
+
+def _elem_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, float]:
+    """Model states and runtime buffers of one rank, in bytes, by component (see the module docstring).
+    ``device_type`` "cpu" counts CPU-offloaded states too (they live in the same memory)."""
+    P, N = shape.params, s.world
+    zero = s.launch_json.get("zero_optimization", {})
+    native_fp16 = s.precision == "fp16" and s.stage in ("1", "2", "3", "2-offload", "3-offload")
+    module = 2 if native_fp16 else 4
+    bucket = float(zero.get("reduce_bucket_size", 5e8)) * module
+    out: Dict[str, float] = {}
+    stage = s.stage
+    if stage in ("ddp", "0"):
+        out.update(params=4 * P, grads=4 * P, optimizer=8 * P)
+        if N > 1:
+            out["buffers"] = 4 * P  # DDP's gradient buckets / DeepSpeed's flattened all-reduce buffer
+    elif stage in ("1", "2", "2-offload"):
+        sharded_grads = stage != "1"
+        out.update(params=module * P, grads=(4 * P / N if sharded_grads else module * P),
+                   optimizer=12 * P / N)  # fp32 partition copy + AdamW state
+        out["buffers"] = bucket * (2 if zero.get("overlap_comm") and sharded_grads else 1) if sharded_grads else 0.0
+        if stage == "2-offload" and device_type != "cpu":
+            out["optimizer"] = 0.0
+            out["grads"] = 0.0
+    elif stage in ("3", "3-offload"):
+        out.update(params=module * P / N, grads=4 * P / N, optimizer=12 * P / N,
+                   gathered=2 * module * shape.largest_block, buffers=bucket)
+        if stage == "3-offload" and device_type != "cpu":
+            out.update(params=0.0, grads=0.0, optimizer=0.0)
+    else:  # FSDP2: fp32 shards; blocks gathered in the compute dtype, the root group in fp32
+        e = _elem_bytes(s.precision)
+        out.update(params=4 * P / N, grads=4 * P / N, optimizer=8 * P / N,
+                   gathered=4 * shape.root_params + 2 * e * shape.largest_block)
+        if stage == "fsdp-sgo":
+            out["gathered"] += e * shape.block_params
+    return out
+
+
+def _tower_activation_elems(blocks: Tuple[Block, ...], attention: str, every: int) -> Tuple[float, float]:
+    """(elements kept for backward per sample, elements of the largest recomputed block) for one tower."""
+    kept, recompute = 0.0, 0.0
+    for i, b in enumerate(blocks, start=1):
+        full = 9 * b.tokens * b.width + 2 * b.tokens * b.mlp
+        if attention == "math":
+            full += b.heads * b.tokens ** 2  # the softmax probabilities, saved for backward
+        if every and i % every == 0:
+            kept += b.tokens * b.width
+            recompute = max(recompute, full)
+        else:
+            kept += full
+    return kept, recompute
+
+
+def activation_bytes_per_sample(shape: ModelShape, s: Setup) -> float:
+    """Activation bytes one sample adds to the forward/backward peak (both towers, embeddings included)."""
+    e = _elem_bytes(s.precision)
+    total_kept, recompute = 0.0, 0.0
+    for blocks in shape.towers.values():
+        kept, rec = _tower_activation_elems(blocks, s.attention, s.checkpointing)
+        first = blocks[0] if blocks else None
+        if first is not None:
+            kept += 6 * first.tokens * first.width  # embeddings, pre/post norms, pooling
+        total_kept += kept
+        recompute = max(recompute, rec)
+    return (total_kept + recompute) * e + 4 * shape.image_elems
+
+
+def logits_bytes(shape: ModelShape, s: Setup, batch: int) -> float:
+    """Contrastive-loss memory with a local loss: ``[B, N B]`` image and text logits (fp32 log-softmax
+    outputs and their gradients) plus the gathered features."""
+    N = s.world
+    return 16.0 * N * batch * batch + 2 * 4.0 * N * batch * shape.embed_dim
+
+
+class MemoryModel:
+    """Peak-memory predictor (bytes per rank) with per-family calibration from measured probes.
+
+    Args:
+        device_type: ``"cuda"`` or ``"cpu"`` (offloaded states count on a CPU).
+    """
+
+    def __init__(self, device_type: str = "cuda"):
+        self.device_type = device_type
+        self.points: List[Tuple[str, Setup, int, float]] = []  # (model, setup, batch, measured peak bytes)
+        self._fit: Dict[Tuple, Tuple[float, Dict[Setup, float]]] = {}  # family -> (alpha, offset per setup)
+
+    @staticmethod
+    def family(model: str, s: Setup) -> Tuple:
+        return (model, s.precision, s.attention, s.checkpointing)
+
+    def components(self, model: str, s: Setup, batch: int) -> Dict[str, float]:
+        """Analytic (uncalibrated) components in bytes: states, buffers, activations, logits, step_extra."""
+        shape = model_shape(model)
+        out = state_bytes(shape, s, self.device_type)
+        out["activations"] = batch * activation_bytes_per_sample(shape, s)
+        out["logits"] = logits_bytes(shape, s, batch)
+        # the optimizer step's temporaries: torch's AdamW on CUDA is the foreach implementation (about two
+        # more copies of the local gradients); on a CPU the per-tensor loop (two copies of the largest local
+        # tensor: DeepSpeed steps one flat fp32 partition, FSDP2 and DDP per parameter)
+        if self.device_type == "cuda":
+            out["step_extra"] = 2 * out.get("grads", 0.0)
+        elif s.stage in ("1", "2", "3", "2-offload", "3-offload"):
+            out["step_extra"] = 2 * 4.0 * shape.params / s.world
+        else:
+            out["step_extra"] = 2 * 4.0 * shape.largest_param / (s.world if s.stage.startswith("fsdp") else 1)
+        return out
+
+    def _branches(self, model: str, s: Setup, batch: int) -> Tuple[float, float, float]:
+        """(constant part, per-batch part, optimizer-step peak) in bytes, uncalibrated. The forward/backward
+        peak comes at the start of backward, when every activation is alive and the gradients (freed by
+        the previous step's ``zero_grad``) are not yet: it holds the states without the gradients."""
+        c = self.components(model, s, batch)
+        states = sum(v for k, v in c.items() if k not in ("activations", "logits", "step_extra"))
+        step_peak = states + c["step_extra"]
+        return states - c.get("grads", 0.0), c["activations"] + c["logits"], step_peak
+
+    def predict(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
+        """Predicted peak bytes of one rank at micro batch ``batch``."""
+        return max(self.forward_peak(model, s, batch, calibrated), self.step_peak(model, s))
+
+    def forward_peak(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
+        """The forward/backward branch of the peak (states without gradients + calibrated per-batch terms)."""
+        const, per_batch, _ = self._branches(model, s, batch)
+        alpha, beta = self._calibration(model, s) if calibrated else (1.0, 0.0)
+        return const + beta + alpha * per_batch
+
+    def step_peak(self, model: str, s: Setup) -> float:
+        """The optimizer-step branch of the peak (all states and the step's temporaries), batch-independent."""
+        return self._branches(model, s, 1)[2]
+
+    def is_forward_dominated(self, model: str, s: Setup, peak_bytes: float) -> bool:
+        """A measured peak clearly above the optimizer-step branch: it tells how memory grows with the batch."""
+        return peak_bytes > 1.02 * self.step_peak(model, s)
+
+    def _calibration(self, model: str, s: Setup) -> Tuple[float, float]:
+        """(alpha, offset) for ``s``: its own offset if measured, else the mean offset of the same stage at
+        other world sizes, else of the whole family."""
+        fam = self._fit.get(self.family(model, s))
+        if fam is None:
+            return 1.0, 0.0
+        alpha, offsets = fam
+        if s in offsets:
+            return alpha, offsets[s]
+        same_stage = [v for k, v in offsets.items() if k.stage == s.stage] or list(offsets.values())
+        return alpha, (sum(same_stage) / len(same_stage) if same_stage else 0.0)
+
+    def is_calibrated(self, model: str, s: Setup) -> bool:
+        """True once any cell of ``s``'s family has a measured point above the optimizer-step branch."""
+        return self.family(model, s) in self._fit
+
+    def max_batch(self, model: str, s: Setup, limit_bytes: float, granularity: int, cap: int,
+                  anchor: Optional[Tuple[int, float, float]] = None) -> int:
+        """Largest multiple of ``granularity`` (at most ``cap``) predicted to fit in ``limit_bytes``; 0 if none.
+
+        ``anchor = (batch, measured peak bytes, scale)``: predict from a measured point instead, the forward
+        branch's growth from that batch multiplied by ``scale`` (1: the model's own growth).
+        """
+        if self.step_peak(model, s) > limit_bytes:
+            return 0
+        if anchor is None:
+            fits = lambda b: self.forward_peak(model, s, b) <= limit_bytes
+        else:
+            b0, m0, k = anchor
+            f0 = self.forward_peak(model, s, b0)
+            fits = lambda b: m0 + k * (self.forward_peak(model, s, b) - f0) <= limit_bytes
+        if not fits(granularity):
+            return 0
+        lo, hi = 1, cap // granularity
+        while lo < hi:  # predicted peak grows with the batch: bisect on multiples of the granularity
+            mid = (lo + hi + 1) // 2
+            if fits(mid * granularity):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * granularity
+
+    def add_measurement(self, model: str, s: Setup, batch: int, peak_bytes: float) -> None:
+        """Record a measured peak and refit the family's calibration."""
+        self.points.append((model, s, batch, peak_bytes))
+        self._refit(self.family(model, s))
+
+    def _refit(self, fam: Tuple) -> None:
+        """The family's per-batch multiplier ``alpha`` comes from how the measured peak grows between batch
+        sizes of the same cell (pooled least squares over such pairs; a single point's ratio when no cell has
+        two); each measured setup's constant offset is its mean residual (cells not measured yet get the
+        family's mean offset). Only points above the optimizer-step branch count."""
+        by_setup: Dict[Setup, List[Tuple[float, float]]] = {}
+        for model, s, batch, peak in self.points:
+            if self.family(model, s) != fam:
+                continue
+            const, per_batch, _ = self._branches(model, s, batch)
+            if self.is_forward_dominated(model, s, peak) and per_batch > 0:
+                by_setup.setdefault(s, []).append((per_batch, peak - const))
+        if not by_setup:
+            return
+        sxy = sxx = 0.0
+        for rows in by_setup.values():
+            rows.sort()
+            for (x1, y1), (x2, y2) in zip(rows, rows[1:]):
+                sxy += (x2 - x1) * (y2 - y1)
+                sxx += (x2 - x1) ** 2
+        if sxx > 0:
+            alpha = max(sxy / sxx, 0.05)
+            offsets = {s: sum(y - alpha * x for x, y in rows) / len(rows) for s, rows in by_setup.items()}
+        else:  # one batch size per setup: scale the per-batch part only
+            ratios = [y / x for rows in by_setup.values() for x, y in rows]
+            alpha, offsets = max(sum(ratios) / len(ratios), 0.05), {}
+        self._fit[fam] = (alpha, offsets)
+
+    def error_report(self) -> List[Dict]:
+        """Per measured probe: measured peak GiB and the relative error of three predictions:
+        ``analytic_error`` (no calibration), ``cross_error`` (calibrated on every *other* cell's probes:
+        what the model predicts for a cell it has not seen) and ``error`` (calibrated on all probes)."""
+        out = []
+        for model, s, batch, peak in self.points:
+            held_out = MemoryModel(self.device_type)
+            for m2, s2, b2, p2 in self.points:
+                if (m2, s2) != (model, s):
+                    held_out.add_measurement(m2, s2, b2, p2)
+            cal, ana = self.predict(model, s, batch), self.predict(model, s, batch, calibrated=False)
+            cross = held_out.predict(model, s, batch)
+            out.append({"model": model, "stage": s.stage, "precision": s.precision, "checkpointing": s.checkpointing,
+                        "attention": s.attention, "world": s.world, "batch": batch, "measured_gib": peak / GIB,
+                        "predicted_gib": cal / GIB, "cross_predicted_gib": cross / GIB, "analytic_gib": ana / GIB,
+                        "error": (cal - peak) / peak, "cross_error": (cross - peak) / peak,
+                        "analytic_error": (ana - peak) / peak})
+        return out
