@@ -89,6 +89,12 @@ class Cell:
     def setup(self) -> Setup:
         return Setup(self.stage, self.precision, self.checkpointing, self.attention, self.world)
 
+    @classmethod
+    def from_record(cls, rec: Dict[str, Any]) -> "Cell":
+        """The cell of a ``cells.jsonl`` record."""
+        return cls(rec["model"], rec["stage"], rec["precision"], rec["checkpointing"], rec["attention"],
+                   rec["nodes"], rec["gpus_per_node"])
+
 
 # --------------------------------------------------------------------------- devices and environment
 
@@ -413,6 +419,7 @@ def parse_args(argv: List[str]):
                    help="probe only single-node or only multi-node cells (the phases of slurm/fit_probe.sbatch)")
     p.add_argument("--shard", help="I/K: probe only every K-th cell starting at I (one node of a Slurm sweep)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="merge these sweep folders into --out and render")
+    p.add_argument("--report", action="store_true", help="only render the table of the store in --out again")
     p.add_argument("--out", required=True, help="output folder (the store; resumable)")
     args = p.parse_args(argv)
     args.command = "harness fit-probe " + " ".join(argv)
@@ -454,6 +461,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.report:
+        return render_store(Path(args.out), args)
     if args.merge:
         merged = merge_stores([Path(d) for d in args.merge], Path(args.out))
         if merged:
@@ -468,6 +477,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return sweep(cells, device, args)
+
+
+def render_store(out: Path, args) -> int:
+    """Render the reports of the store in ``out`` again (its last record per cell), with the memory model
+    calibrated on the store's measured probes of each cell's environment."""
+    from harness.fitreport import write_reports
+    from harness.fitstore import ResultsStore
+
+    probes, cells = ResultsStore(out, {}).all_records()
+    latest = {c["cell"]: c for c in cells}
+    if not latest:
+        print(f"error: --report: no cells in {out}/cells.jsonl", file=sys.stderr)
+        return 2
+    records = list(latest.values())
+    env = records[0].get("env", {})
+    model = MemoryModel("cpu" if env.get("device", "").startswith("cpu") else "cuda")
+    for p in probes:
+        rec = latest.get(p["cell"])
+        if rec is not None and p.get("env") == rec.get("env") and p["outcome"] == "fits" and p.get("peak_gib"):
+            cell = Cell.from_record(rec)
+            model.add_measurement(cell.model, cell.setup(), p["batch"], p["peak_gib"] * GIB)
+    args.granularity = records[0].get("granularity", args.granularity)
+    args.command = records[0].get("command", args.command)
+    write_reports(records, out, args, model, env)
+    print((out / "table.md").read_text())
+    return 0
 
 
 def sweep(cells: List[Cell], device: Dict[str, Any], args) -> int:
@@ -524,7 +559,7 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args) -> int:
 
             rec = search_cell(cell, how, model, limit, args.granularity, args.max_batch, probe,
                               probes.get(cell.key, []))
-        rec["calibrated_start"] = calibrated
+        rec.update(calibrated_start=calibrated, granularity=args.granularity, command=args.command)
         if rec["status"] not in TERMINAL and rec["max_batch"]:
             rec["doubling_probes"] = doubling_probes(rec["max_batch"], rec["first_fail"], args.granularity,
                                                      args.max_batch)

@@ -8,20 +8,22 @@ Peak = max(forward/backward peak, optimizer-step peak), with
   parameters in the module under bf16 (autocast / DeepSpeed ``torch_autocast``), so a parameter costs
   4 (module) + 4 (gradient) + 8 (AdamW) bytes before sharding; DeepSpeed's fp32 partition copy adds 4/N
   from stage 1 on; DeepSpeed's native fp16 (ZeRO 1-3) keeps a 2-byte module copy;
-* **runtime buffers** read from the launch JSON: DeepSpeed's gradient bucket (``reduce_bucket_size``
-  elements, two of them with ``overlap_comm`` at stage 2), DDP's gradient buckets (a copy of the gradients);
+* **runtime buffers** read from the launch JSON: DeepSpeed's gradient buckets (``reduce_bucket_size``
+  elements, two of them with ``overlap_comm``, at ZeRO 1-3: 3.7 GiB at the default 5e8 in fp32),
+  DDP's gradient buckets (a copy of the gradients);
 * **activations** per sample, per transformer block with ``s`` tokens, width ``h``, MLP width ``m``, ``a``
   heads (Korthikanti et al., arXiv 2205.05198, counted for these blocks): ``9 s h + 2 s m`` elements saved
   for backward, plus ``a s^2`` with the unfused ``math`` attention (FlashAttention-style kernels keep
-  O(s)); a checkpointed block keeps only its input ``s h`` and one block is recomputed at a time. Both
+  O(s)); a checkpointed block keeps only its input ``s h``, and one block is recomputed at a time in
+  backward, after the loss's buffers are freed (so the peak holds the larger of the two). Both
   towers are summed (image: ``1 + (image/patch)^2`` tokens, DTP-ViT's shortened layers ``1 + L/compression``;
   text: the context length). Elements cost 4 bytes in fp32 and 2 under bf16/fp16 autocast;
 * **contrastive loss** with a local loss: each rank holds ``[B, N B]`` logits for image and text (fp32,
   saved log-softmax outputs and their gradients: ``16 N B^2`` bytes) and the gathered features.
 
 Calibration (:meth:`MemoryModel.add_measurement`): for each family of cells sharing model, precision,
-attention and checkpointing, a multiplier on the per-batch terms is fitted to how measured peaks grow
-with the batch within a cell, and each measured setup (stage, world size) gets its additive offset;
+attention and checkpointing, a multiplier on the activations is fitted to how measured peaks grow with
+the batch within a cell (the logits term is exact and stays analytic), and each measured setup (stage, world size) gets its additive offset;
 setups not measured yet take the family's mean offset, families without measurements the analytic
 values. :meth:`MemoryModel.error_report` compares predictions with every
 measured probe.
@@ -154,13 +156,17 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
     stage = s.stage
     if stage in ("ddp", "0"):
         out.update(params=4 * P, grads=4 * P, optimizer=8 * P)
-        if N > 1:
-            out["buffers"] = 4 * P  # DDP's gradient buckets / DeepSpeed's flattened all-reduce buffer
+        if N > 1 and stage == "ddp":
+            out["buffers"] = 4 * P  # DDP's gradient buckets (DeepSpeed's stage 0 flattens only inside the step)
     elif stage in ("1", "2", "2-offload"):
         sharded_grads = stage != "1"
         out.update(params=module * P, grads=(4 * P / N if sharded_grads else module * P),
                    optimizer=12 * P / N)  # fp32 partition copy + AdamW state
-        out["buffers"] = bucket * (2 if zero.get("overlap_comm") and sharded_grads else 1) if sharded_grads else 0.0
+        # gradient staging buckets (contiguous_gradients; a second one with overlap_comm), allocated when
+        # backward starts: fp32 at ZeRO-1 (its accumulator), the module's dtype at ZeRO-2
+        if zero.get("contiguous_gradients", True) or stage == "2-offload":
+            per = float(zero.get("reduce_bucket_size", 5e8)) * (4 if stage == "1" else module)
+            out["buffers"] = per * (2 if zero.get("overlap_comm") else 1)
         if stage == "2-offload" and device_type != "cpu":
             out["optimizer"] = 0.0
             out["grads"] = 0.0
@@ -193,8 +199,10 @@ def _tower_activation_elems(blocks: Tuple[Block, ...], attention: str, every: in
     return kept, recompute
 
 
-def activation_bytes_per_sample(shape: ModelShape, s: Setup) -> float:
-    """Activation bytes one sample adds to the forward/backward peak (both towers, embeddings included)."""
+def activation_bytes_per_sample(shape: ModelShape, s: Setup) -> Tuple[float, float]:
+    """``(kept, recompute)``: activation bytes one sample keeps alive from the forward to the loss (both
+    towers, embeddings included), and the bytes of the largest checkpointed block recomputed in backward,
+    which live only after the loss's own buffers are gone."""
     e = _elem_bytes(s.precision)
     total_kept, recompute = 0.0, 0.0
     for blocks in shape.towers.values():
@@ -204,7 +212,7 @@ def activation_bytes_per_sample(shape: ModelShape, s: Setup) -> float:
             kept += 6 * first.tokens * first.width  # embeddings, pre/post norms, pooling
         total_kept += kept
         recompute = max(recompute, rec)
-    return (total_kept + recompute) * e + 4 * shape.image_elems
+    return total_kept * e + 4 * shape.image_elems, recompute * e
 
 
 def logits_bytes(shape: ModelShape, s: Setup, batch: int) -> float:
@@ -234,7 +242,8 @@ class MemoryModel:
         """Analytic (uncalibrated) components in bytes: states, buffers, activations, logits, step_extra."""
         shape = model_shape(model)
         out = state_bytes(shape, s, self.device_type)
-        out["activations"] = batch * activation_bytes_per_sample(shape, s)
+        kept, recompute = activation_bytes_per_sample(shape, s)
+        out["activations"], out["recompute"] = batch * kept, batch * recompute
         out["logits"] = logits_bytes(shape, s, batch)
         # the optimizer step's temporaries: torch's AdamW on CUDA is the foreach implementation (about two
         # more copies of the local gradients); on a CPU the per-tensor loop (two copies of the largest local
@@ -247,28 +256,31 @@ class MemoryModel:
             out["step_extra"] = 2 * 4.0 * shape.largest_param / (s.world if s.stage.startswith("fsdp") else 1)
         return out
 
-    def _branches(self, model: str, s: Setup, batch: int) -> Tuple[float, float, float]:
-        """(constant part, per-batch part, optimizer-step peak) in bytes, uncalibrated. The forward/backward
-        peak comes at the start of backward, when every activation is alive and the gradients (freed by
-        the previous step's ``zero_grad``) are not yet: it holds the states without the gradients."""
+    def _forward_parts(self, model: str, s: Setup, batch: int) -> Tuple[float, float, float, float]:
+        """(constant part, kept activations, logits, recompute) of the forward/backward branch in bytes,
+        uncalibrated. That peak comes at the start of backward, when every activation is alive and the
+        gradients (freed by the previous step's ``zero_grad``) are not yet: it holds the states without the
+        gradients."""
         c = self.components(model, s, batch)
-        states = sum(v for k, v in c.items() if k not in ("activations", "logits", "step_extra"))
-        step_peak = states + c["step_extra"]
-        return states - c.get("grads", 0.0), c["activations"] + c["logits"], step_peak
+        states = sum(v for k, v in c.items() if k not in ("activations", "recompute", "logits", "step_extra"))
+        return states - c.get("grads", 0.0), c["activations"], c["logits"], c["recompute"]
 
     def predict(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
         """Predicted peak bytes of one rank at micro batch ``batch``."""
         return max(self.forward_peak(model, s, batch, calibrated), self.step_peak(model, s))
 
     def forward_peak(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
-        """The forward/backward branch of the peak (states without gradients + calibrated per-batch terms)."""
-        const, per_batch, _ = self._branches(model, s, batch)
+        """The forward/backward branch of the peak: states without gradients, the calibrated activations,
+        then the larger of the contrastive logits (analytic: their size is exact) and a recomputed
+        checkpointed block (which comes after the loss's buffers are freed)."""
+        const, acts, logits, recompute = self._forward_parts(model, s, batch)
         alpha, beta = self._calibration(model, s) if calibrated else (1.0, 0.0)
-        return const + beta + alpha * per_batch
+        return const + beta + alpha * acts + max(logits, alpha * recompute)
 
     def step_peak(self, model: str, s: Setup) -> float:
         """The optimizer-step branch of the peak (all states and the step's temporaries), batch-independent."""
-        return self._branches(model, s, 1)[2]
+        c = self.components(model, s, 1)
+        return sum(v for k, v in c.items() if k not in ("activations", "recompute", "logits"))
 
     def is_forward_dominated(self, model: str, s: Setup, peak_bytes: float) -> bool:
         """A measured peak clearly above the optimizer-step branch: it tells how memory grows with the batch."""
@@ -322,7 +334,7 @@ class MemoryModel:
         self._refit(self.family(model, s))
 
     def _refit(self, fam: Tuple) -> None:
-        """The family's per-batch multiplier ``alpha`` comes from how the measured peak grows between batch
+        """The family's activation multiplier ``alpha`` comes from how the measured peak grows between batch
         sizes of the same cell (pooled least squares over such pairs; a single point's ratio when no cell has
         two); each measured setup's constant offset is its mean residual (cells not measured yet get the
         family's mean offset). Only points above the optimizer-step branch count."""
@@ -330,9 +342,11 @@ class MemoryModel:
         for model, s, batch, peak in self.points:
             if self.family(model, s) != fam:
                 continue
-            const, per_batch, _ = self._branches(model, s, batch)
-            if self.is_forward_dominated(model, s, peak) and per_batch > 0:
-                by_setup.setdefault(s, []).append((per_batch, peak - const))
+            const, acts, logits, recompute = self._forward_parts(model, s, batch)
+            if self.is_forward_dominated(model, s, peak) and acts > 0:
+                # the loss's logits as the second part (the usual case at large batches; a recomputed block
+                # is smaller than the logits there)
+                by_setup.setdefault(s, []).append((acts, peak - const - max(logits, recompute)))
         if not by_setup:
             return
         sxy = sxx = 0.0

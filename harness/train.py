@@ -193,6 +193,8 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
         write_status(cfg.run_dir, rank, "error", f"{type(e).__name__}: {str(e).strip()[:500]}")
         raise
     write_status(cfg.run_dir, rank, "ok", "")
+    if dist.is_initialized():
+        dist.destroy_process_group()  # an orderly exit: gloo's threads otherwise may abort the process at exit
     return summary
 
 
