@@ -499,7 +499,7 @@ def render_store(out: Path, args) -> int:
             cell = Cell.from_record(rec)
             model.add_measurement(cell.model, cell.setup(), p["batch"], p["peak_gib"] * GIB)
     args.granularity = records[0].get("granularity", args.granularity)
-    args.command = records[0].get("command", args.command)
+    args.rerendered_with, args.command = args.command, records[0].get("command")
     write_reports(records, out, args, model, env)
     print((out / "table.md").read_text())
     return 0

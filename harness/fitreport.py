@@ -96,7 +96,10 @@ def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     summary = probe_summary(cells)
-    text = [f"# Memory-fit table", "", f"`{getattr(args, 'command', 'harness fit-probe')}`", "",
+    command = f"`{args.command}`" if getattr(args, "command", None) else "(the sweep's command is not in its store)"
+    if getattr(args, "rerendered_with", None):
+        command += f", re-rendered with `{args.rerendered_with}`"
+    text = [f"# Memory-fit table", "", command, "",
             f"Device: {device}. Peak alloc: CUDA max allocated on a GPU, tracked tensor peak on a CPU "
             "(max over ranks). Granularity: "
             f"{getattr(args, 'granularity', '?')}; each probe ran {env.get('probe_steps', '?')} optimizer steps "

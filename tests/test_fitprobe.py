@@ -253,3 +253,22 @@ def test_merge_puts_sweeps_into_one_table(sweep, tmp_path):
     rows = [ln for ln in (merged / "table.md").read_text().splitlines() if ln.startswith("| ViT-")]
     assert len(rows) == 18 and any("| ZeRO-0 |" in r for r in rows) and "ZeRO-0" in proc.stdout
     assert (out / "cells.jsonl").read_text().count("\n") == 8  # the sources are untouched
+
+
+def test_report_renders_the_store_again(sweep, tmp_path):
+    """``--report`` rebuilds the table from the store alone (a copy of it, so the sweep's own files stay as
+    they were): the same rows, the sweep's command kept, the re-rendering command named, and the memory model
+    calibrated on the same measured probes (same errors)."""
+    out, _ = sweep
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("cells.jsonl", "probes.jsonl"):
+        (copy / name).write_text((out / name).read_text())
+    proc = fit_probe(["--report", "--out", str(copy)])
+    original, again = (out / "table.md").read_text(), (copy / "table.md").read_text()
+    rows = lambda md: [ln for ln in md.splitlines() if ln.startswith("| ViT-")]  # noqa: E731
+    assert rows(again) == rows(original) and rows(again)
+    command = again.splitlines()[2]
+    assert command.startswith("`harness fit-probe --models ViT-micro-8,ViT-tiny-8") and "re-rendered with" in command
+    assert json.loads((copy / "memory_model.json").read_text()) == json.loads((out / "memory_model.json").read_text())
+    assert rows(again)[0] in proc.stdout
