@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+GIB = 2.0 ** 30  # bytes per GiB
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -430,7 +432,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
 
 def host_memory_gib() -> float:
     """Physical memory of this machine in GiB."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
 def _cuda_available() -> bool:
@@ -449,15 +451,18 @@ def check_model_knobs(cfg: JobConfig) -> None:
     """
     import torch
 
-    from models.attention import ATTENTION_BACKENDS, flash_attn_available
+    from models.attention import AttentionBackendError, available_backends, check_backend_name, flash_attn_available
 
     m, t = cfg.model, cfg.train
-    if m.attention not in ATTENTION_BACKENDS:
-        raise ConfigError(f"model.attention: {m.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    try:
+        check_backend_name(m.attention)
+    except AttentionBackendError as e:
+        raise ConfigError(str(e)) from None
     cuda = _cuda_available()
     if not cuda and m.attention in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
+        cpu = available_backends(torch.device("cpu"), torch.float32)  # tried on tiny CPU tensors
         raise ConfigError(f"model.attention: {m.attention!r} needs a CUDA GPU; available on this CPU machine: "
-                          "sdpa, sdpa_flash, math")
+                          f"{', '.join(cpu)}")
     if m.attention == "flash_attn":
         if not flash_attn_available():
             raise ConfigError("model.attention: 'flash_attn' needs the flash-attn package (pip install "

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.config import BatchLayout, ConfigError, JobConfig
+from harness.config import GIB, BatchLayout, ConfigError, JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def check_device_support(cfg: JobConfig, device: torch.device, launch: LaunchInf
 def device_memory_gib(device: torch.device) -> float:
     """Total memory of ``device`` in GiB (a GPU's, or this machine's for the CPU)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        return torch.cuda.get_device_properties(device).total_memory / GIB
     from harness.config import host_memory_gib
 
     return host_memory_gib()
@@ -214,21 +214,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with ``optim.*`` hyper-parameters."""
+def build_optimizer(model: nn.Module, cfg: JobConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` with ``optim.*`` hyper-parameters: ``torch.optim.AdamW``, or with
+    ``cpu_offload`` (ZeRO-Offload: the step runs on the CPU where the offloaded states live) DeepSpeed's
+    ``DeepSpeedCPUAdam`` in AdamW mode, whose C++ op is built on first use (about 50 s on a 2-core
+    machine; cached in ``~/.cache/torch_extensions``)."""
     o = cfg.optim
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    groups, hyper = param_groups(model, o.weight_decay), dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, weight_decay=o.weight_decay, adamw_mode=True, **hyper)
+    return torch.optim.AdamW(groups, **hyper)
 
 
-def build_cpu_adam(model: nn.Module, cfg: JobConfig):
-    """DeepSpeed's ``DeepSpeedCPUAdam`` (AdamW mode) over :func:`param_groups`, for ZeRO-Offload: the
-    optimizer step runs on the CPU where the offloaded states live. Its C++ op is built on first use
-    (about 50 s on a 2-core machine; cached in ``~/.cache/torch_extensions``)."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    o = cfg.optim
-    return DeepSpeedCPUAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, adamw_mode=True)
+def make_grad_scaler(cfg: JobConfig, device_type: str, scaler_cls=None):
+    """The fp16 dynamic loss scale of the job config: ``scaler_cls`` (default ``torch.amp.GradScaler``;
+    FSDP2 passes ``ShardedGradScaler``) starting at ``train.loss_scale_init``, doubling after
+    ``train.loss_scale_window`` overflow-free steps."""
+    cls = scaler_cls or torch.amp.GradScaler
+    return cls(device_type, init_scale=cfg.train.loss_scale_init, growth_interval=cfg.train.loss_scale_window)
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
@@ -286,8 +291,7 @@ class LocalEngine:
         return module
 
     def _make_scaler(self, cfg: JobConfig):
-        return torch.amp.GradScaler(self.device.type, init_scale=cfg.train.loss_scale_init,
-                                    growth_interval=cfg.train.loss_scale_window)
+        return make_grad_scaler(cfg, self.device.type)
 
     def _sync_context(self, sync: bool):
         """Context for a micro batch's forward: its backward all-reduces gradients only when ``sync``."""
@@ -449,7 +453,7 @@ class DeepSpeedEngine:
         self.ds_config = deepspeed_config(base, cfg, layout)
         self.device = device
         model = model.to(device)
-        optimizer = build_cpu_adam(model, cfg) if uses_cpu_offload(self.ds_config) else build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, cfg, cpu_offload=uses_cpu_offload(self.ds_config))
         scheduler = scheduler_fn(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
@@ -459,8 +463,7 @@ class DeepSpeedEngine:
         self.input_dtype = torch.float16 if self.ds_config["fp16"]["enabled"] else None
         self.grad_scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
         if self.grad_scaler is not None:  # DeepSpeed builds it with torch's defaults: use the job's loss scale
-            self.grad_scaler = self.engine.torch_autocast_z0_gradscaler = torch.amp.GradScaler(
-                device.type, init_scale=cfg.train.loss_scale_init, growth_interval=cfg.train.loss_scale_window)
+            self.grad_scaler = self.engine.torch_autocast_z0_gradscaler = make_grad_scaler(cfg, device.type)
         self.scaler_skips = 0
         self.grad_norm: Optional[float] = None
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -47,8 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from harness.config import PRECISIONS, host_memory_gib
-from harness.memmodel import GIB, STAGES, MemoryModel, Setup
+from harness.config import GIB, PRECISIONS, host_memory_gib
+from harness.memmodel import STAGES, MemoryModel, Setup
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAILURES = ("oom", "hang")  # outcomes that bound the search from above
@@ -82,9 +81,9 @@ class Cell:
                 f"{self.nodes}x{self.gpus_per_node}")
 
     @property
-    def family(self) -> str:
-        """Cells sharing the model's memory behaviour (for counting calibrated searches)."""
-        return f"{self.model}|{self.precision}|{self.attention}|ckpt={self.checkpointing}"
+    def family(self) -> tuple:
+        """Cells sharing the model's memory behaviour: the memory model's calibration family."""
+        return MemoryModel.family(self.model, self.setup())
 
     def setup(self) -> Setup:
         return Setup(self.stage, self.precision, self.checkpointing, self.attention, self.world)
@@ -203,17 +202,15 @@ def how_obtained(cell: Cell, local_slots: int, launcher: str, max_nodes: Optiona
 
 def probe_args(cell: Cell, batch: int, how: str, run_dir: Path, args) -> List[str]:
     """``train.py`` arguments of one probe: synthetic batches of the model's shapes, ``--steps`` steps."""
-    ranks = 1 if how == "emulated" else cell.world
-    out = ["--config", "synthetic", "--model", cell.model, "--micro-batch-size", str(batch),
-           "--train-samples", str(args.steps * batch * cell.world), "--max-steps", str(args.steps),
-           "--precision", cell.precision, "--attention", cell.attention,
-           "--grad-checkpointing", str(cell.checkpointing), "--output-dir", str(run_dir.parent),
-           "--run-name", run_dir.name, "train.timing_warmup_steps=1", "train.progress_bar=false",
-           "train.log_every_steps=1", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-           "eval.zeroshot_data=null", "train.track_memory=true"]
+    from harness.launch import synthetic_train_args
+
+    out = synthetic_train_args(cell.model, batch, args.steps, cell.world, run_dir, warmup_steps=1) + [
+        "--max-steps", str(args.steps), "--precision", cell.precision, "--attention", cell.attention,
+        "--grad-checkpointing", str(cell.checkpointing), "train.log_every_steps=1", "checkpoint.every_steps=0",
+        "checkpoint.save_final=false", "eval.zeroshot_data=null", "train.track_memory=true"]
     if args.budget_gib is not None:
         out.append(f"train.memory_budget_gib={args.budget_gib}")
-    if how == "emulated" and ranks != cell.world:
+    if how == "emulated":  # one process as rank 0 of the cell's world
         out.append(f"train.emulate_world_size={cell.world}")
     return out
 
@@ -243,8 +240,6 @@ def run_probe(cell: Cell, batch: int, how: str, args) -> Dict[str, Any]:
     from harness.launch import run_training
 
     run_dir = Path(args.out).resolve() / "runs" / f"{_slug(cell.key)}-b{batch}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     launch = STAGES[cell.stage]
     launch_cfg = str(REPO_ROOT / "ds_configs" / f"{launch}.yaml") if launch else None
     ranks = 1 if how == "emulated" else cell.world
@@ -283,10 +278,8 @@ def search_cell(cell: Cell, how: str, model: MemoryModel, limit_bytes: float, g:
     outcomes: Dict[int, Dict[str, Any]] = {p["batch"]: p for p in known}
     ran = 0
     while True:
-        fits = [b for b, p in outcomes.items() if p["outcome"] == "fits"]
-        fails = [b for b, p in outcomes.items() if p["outcome"] in FAILURES]
         terminal = [p for p in outcomes.values() if p["outcome"] in TERMINAL]
-        lo, hi = (max(fits) if fits else None), (min(fails) if fails else None)
+        lo, hi = _bounds(outcomes)
         if terminal:
             t = terminal[0]
             return _cell_record(cell, how, lo, hi, t["outcome"], t["reason"], ran, len(outcomes), outcomes)
@@ -315,11 +308,8 @@ def search_cell(cell: Cell, how: str, model: MemoryModel, limit_bytes: float, g:
         rec = probe(b)
         ran += 1
         outcomes[b] = rec
-        if rec["outcome"] == "fits" and rec.get("peak_gib"):
-            model.add_measurement(cell.model, setup, b, rec["peak_gib"] * GIB)
-    fits = [b for b, p in outcomes.items() if p["outcome"] == "fits"]
-    fails = [b for b, p in outcomes.items() if p["outcome"] in FAILURES]
-    lo, hi = (max(fits) if fits else None), (min(fails) if fails else None)
+        calibrate(model, cell, rec)
+    lo, hi = _bounds(outcomes)
     if lo is None:
         return _cell_record(cell, how, None, hi, outcomes[hi]["outcome"], outcomes[hi]["reason"], ran,
                             len(outcomes), outcomes)
@@ -328,6 +318,19 @@ def search_cell(cell: Cell, how: str, model: MemoryModel, limit_bytes: float, g:
                             outcomes)
     return _cell_record(cell, how, lo, hi, "fits", f"{hi} does not: {outcomes[hi]['outcome']}", ran, len(outcomes),
                         outcomes)
+
+
+def _bounds(outcomes: Dict[int, Dict[str, Any]]) -> Tuple[Optional[int], Optional[int]]:
+    """``(largest batch that fit, smallest that ran out of memory or hung)``, None where there is none."""
+    fits = [b for b, p in outcomes.items() if p["outcome"] == "fits"]
+    fails = [b for b, p in outcomes.items() if p["outcome"] in FAILURES]
+    return (max(fits) if fits else None), (min(fails) if fails else None)
+
+
+def calibrate(model: MemoryModel, cell: Cell, probe_record: Dict[str, Any]) -> None:
+    """Feed a probe of ``cell`` that fitted and measured a peak to the memory model's calibration."""
+    if probe_record["outcome"] == "fits" and probe_record.get("peak_gib"):
+        model.add_measurement(cell.model, cell.setup(), probe_record["batch"], probe_record["peak_gib"] * GIB)
 
 
 def _estimate(model: MemoryModel, cell: Cell, setup: Setup, limit_bytes: float, g: int, cap: int,
@@ -447,11 +450,13 @@ def validate_args(args) -> Tuple[List[Cell], Dict[str, Any]]:
     if args.max_nodes is not None and args.max_nodes < 1:
         raise ProbeInputError(f"--max-nodes: must be a positive integer, got {args.max_nodes}")
     if args.shard:
+        bad = ProbeInputError(f"--shard: expected I/K with 0 <= I < K, got {args.shard!r}")
         try:
             i, k = (int(v) for v in args.shard.split("/"))
-            assert 0 <= i < k
-        except (ValueError, AssertionError):
-            raise ProbeInputError(f"--shard: expected I/K with 0 <= I < K, got {args.shard!r}") from None
+        except ValueError:
+            raise bad from None
+        if not 0 <= i < k:
+            raise bad
         cells = cells[i::k]
     return cells, device
 
@@ -495,9 +500,8 @@ def render_store(out: Path, args) -> int:
     model = MemoryModel("cpu" if env.get("device", "").startswith("cpu") else "cuda")
     for p in probes:
         rec = latest.get(p["cell"])
-        if rec is not None and p.get("env") == rec.get("env") and p["outcome"] == "fits" and p.get("peak_gib"):
-            cell = Cell.from_record(rec)
-            model.add_measurement(cell.model, cell.setup(), p["batch"], p["peak_gib"] * GIB)
+        if rec is not None and p.get("env") == rec.get("env"):
+            calibrate(model, Cell.from_record(rec), p)
     args.granularity = records[0].get("granularity", args.granularity)
     args.rerendered_with, args.command = args.command, records[0].get("command")
     write_reports(records, out, args, model, env)
@@ -527,10 +531,8 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args) -> int:
     model = MemoryModel("cuda" if device["type"] == "cuda" else "cpu")
     by_key = {c.key: c for c in cells}
     for key, recs in probes.items():  # calibrate from everything already measured in this environment
-        if key in by_key:
-            for r in recs:
-                if r["outcome"] == "fits" and r.get("peak_gib"):
-                    model.add_measurement(by_key[key].model, by_key[key].setup(), r["batch"], r["peak_gib"] * GIB)
+        for r in recs if key in by_key else []:
+            calibrate(model, by_key[key], r)
     calibrated_families = {by_key[k].family for k in probes if k in by_key}
     print(f"fit probe: {len(cells)} cells on {device['name']} ({device['memory_gib']:.1f} GiB"
           f"{f', budget {args.budget_gib:g} GiB' if args.budget_gib else ''}); {len(finished)} already done; "

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from harness.fitprobe import FAILURES, TERMINAL
+
 HEADER = ["model", "batch size", "# nodes", "# GPUs per node", "effective batch size", "cluster", "partition", "fit?",
           "stage", "precision", "checkpointing", "attention", "device (memory)", "peak alloc GiB", "reserved GiB",
           "step time (s)", "samples/s", "status", "how"]
@@ -42,7 +44,8 @@ def table_rows(cells: List[Dict[str, Any]], probes: Dict[str, Dict[int, Dict]], 
     rows = []
     for c in cells:
         base = lambda batch: [_params_m(c["model"]), str(batch), str(c["nodes"]), str(c["gpus_per_node"]),
-                              str(batch * c["world"]), cluster or "-", partition or "-"]
+                              str(batch * c["world"]) if isinstance(batch, int) else "-", cluster or "-",
+                              partition or "-"]
         knobs = [_stage_label(c["stage"]), c["precision"],
                  "off" if not c["checkpointing"] else ("every block" if c["checkpointing"] == 1
                                                       else f"every {c['checkpointing']} blocks"), c["attention"],
@@ -51,13 +54,13 @@ def table_rows(cells: List[Dict[str, Any]], probes: Dict[str, Dict[int, Dict]], 
         if c["max_batch"]:
             p = probes.get(c["cell"], {}).get(c["max_batch"], {})
             peak = p.get("peak_gib", c.get("peak_gib"))
-            note = "predicted fit" if c["status"] == "predicted" or how == "scheduler-limit" else "fits"
-            rows.append(base(c["max_batch"]) + ["✅" if how not in ("predicted", "scheduler-limit") else "✅ (predicted)"]
+            predicted = how in ("predicted", "scheduler-limit")  # the memory model's answer, no probe
+            rows.append(base(c["max_batch"]) + ["✅ (predicted)" if predicted else "✅"]
                         + knobs + [_fmt(peak, ".2f"), _fmt(p.get("reserved_gib"), ".2f"),
                                    _fmt(p.get("step_time_s"), ".3f"), _fmt(p.get("samples_per_s"), ".1f"),
-                                   note, how])
+                                   "predicted fit" if predicted else "fits", how])
         fail = c.get("first_fail")
-        if c["status"] in ("error", "unsupported"):
+        if c["status"] in TERMINAL:
             label, reason = FAIL_LABEL[c["status"]], c["reason"]
             batch = fail or (c["max_batch"] + 1 if c["max_batch"] else "-")
         elif fail is not None:
@@ -66,10 +69,7 @@ def table_rows(cells: List[Dict[str, Any]], probes: Dict[str, Dict[int, Dict]], 
             label, reason, batch = FAIL_LABEL.get(kind, kind), p.get("reason") or c["reason"], fail
         else:
             continue
-        rows.append((base(batch) if isinstance(batch, int) else [_params_m(c["model"]), "-", str(c["nodes"]),
-                                                                 str(c["gpus_per_node"]), "-", cluster or "-",
-                                                                 partition or "-"])
-                    + [f"❌ ({label})"] + knobs + ["-", "-", "-", "-", reason.replace("|", "/")[:200], how])
+        rows.append(base(batch) + [f"❌ ({label})"] + knobs + ["-", "-", "-", "-", reason.replace("|", "/")[:200], how])
     return rows
 
 
@@ -99,7 +99,7 @@ def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env:
     command = f"`{args.command}`" if getattr(args, "command", None) else "(the sweep's command is not in its store)"
     if getattr(args, "rerendered_with", None):
         command += f", re-rendered with `{args.rerendered_with}`"
-    text = [f"# Memory-fit table", "", command, "",
+    text = ["# Memory-fit table", "", command, "",
             f"Device: {device}. Peak alloc: CUDA max allocated on a GPU, tracked tensor peak on a CPU "
             "(max over ranks). Granularity: "
             f"{getattr(args, 'granularity', '?')}; each probe ran {env.get('probe_steps', '?')} optimizer steps "
@@ -132,7 +132,7 @@ def device_label(env: Dict[str, Any]) -> str:
 def probe_summary(cells: List[Dict[str, Any]]) -> str:
     """Probes per searched cell, for cells that started with a calibrated memory model, against a plain
     doubling search replayed on the same boundaries."""
-    searched = [c for c in cells if c["how"] in ("measured", "emulated") and c["status"] not in ("error", "unsupported")]
+    searched = [c for c in cells if c["how"] in ("measured", "emulated") and c["status"] not in TERMINAL]
     if not searched:
         return "No cell was searched by probes."
     avg = lambda xs: sum(xs) / len(xs) if xs else float("nan")
@@ -159,7 +159,7 @@ def _plot(cells, probes, path: Path, limit_gib: Optional[float], device_label: s
     for c in cells:
         pts = sorted((b, p["peak_gib"]) for b, p in probes.get(c["cell"], {}).items()
                      if p["outcome"] == "fits" and p.get("peak_gib") is not None)
-        fails = sorted(b for b, p in probes.get(c["cell"], {}).items() if p["outcome"] in ("oom", "hang"))
+        fails = sorted(b for b, p in probes.get(c["cell"], {}).items() if p["outcome"] in FAILURES)
         if not pts and not fails:
             continue
         label = c["cell"].replace("|", " ")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import BatchLayout, JobConfig
-from harness.engine import LocalEngine, autocast_dtype
+from harness.engine import LocalEngine, autocast_dtype, make_grad_scaler
 
 FSDP_DIR = "fsdp"  # DCP folder inside a checkpoint
 
@@ -31,23 +31,18 @@ FSDP_DIR = "fsdp"  # DCP folder inside a checkpoint
 def shard_model(model: nn.Module, dtype, reshard_after_forward: bool, world_size: int, device: torch.device
                 ) -> Dict[str, int]:
     """Apply FSDP2 to ``model`` in place: each transformer block of both towers (mixed-precision policy
-    with ``param_dtype=dtype``), then the root (fp32 parameters). Returns blocks sharded per tower.
-
-    """
+    with ``param_dtype=dtype``), then the root (fp32 parameters). Returns blocks sharded per tower."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from models.blocks import tower_block_lists
+    from models.blocks import iter_blocks
 
     mesh = init_device_mesh(device.type, (world_size,))
     block_mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
-    counts = {}
-    for tower, lists in tower_block_lists(model).items():
-        counts[tower] = 0
-        for blocks in lists:
-            for blk in blocks:
-                fully_shard(blk, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
-                counts[tower] += 1
+    counts = {"image": 0, "text": 0}
+    for tower, blk in iter_blocks(model):
+        fully_shard(blk, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
+        counts[tower] += 1
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return counts
 
@@ -78,8 +73,7 @@ class FSDPEngine(LocalEngine):
     def _make_scaler(self, cfg: JobConfig):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler(self.device.type, init_scale=cfg.train.loss_scale_init,
-                                 growth_interval=cfg.train.loss_scale_window)
+        return make_grad_scaler(cfg, self.device.type, ShardedGradScaler)
 
     def _sync_context(self, sync: bool):
         self.module.set_requires_gradient_sync(sync)

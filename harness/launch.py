@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,14 +78,29 @@ def slurm_command(train_args: List[str], launch_config: str, num_processes: int,
     return cmd, env
 
 
+def synthetic_train_args(model: str, micro_batch: int, steps: int, world: int, run_dir: Path,
+                         warmup_steps: int) -> List[str]:
+    """``train.py`` arguments every measurement run shares: synthetic batches of ``model``'s exact shapes,
+    ``steps`` optimizer steps of ``micro_batch`` samples per rank over ``world`` ranks, the run in
+    ``run_dir``, the first ``warmup_steps`` steps excluded from the step time, no progress bar."""
+    run_dir = Path(run_dir)
+    return ["--config", "synthetic", "--model", model, "--micro-batch-size", str(micro_batch),
+            "--train-samples", str(steps * micro_batch * world), "--output-dir", str(run_dir.parent),
+            "--run-name", run_dir.name, f"train.timing_warmup_steps={warmup_steps}", "train.progress_bar=false"]
+
+
 def run_training(train_args: List[str], run_dir: Path, launch_config: Optional[str] = None, num_processes: int = 1,
                  timeout_s: Optional[float] = None, env: Optional[Dict[str, str]] = None, launcher: str = "local",
                  nodes: int = 1) -> ChildRun:
     """Run the trainer with ``train_args`` (which must direct its run into ``run_dir``) and collect the outcome.
-    ``launcher="slurm"`` spreads the ranks over ``nodes`` nodes of the current Slurm allocation.
+    ``launcher="slurm"`` spreads the ranks over ``nodes`` nodes of the current Slurm allocation. An existing
+    ``run_dir`` is removed first, so no summary or rank status of an earlier run is read as this one's.
 
     Raises nothing for a failed run: the failure is in the returned :class:`ChildRun`.
     """
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     if launcher == "slurm":
         cmd, slurm_env = slurm_command(train_args, launch_config, num_processes, nodes)
         env = {**(env or {}), **slurm_env}
@@ -100,7 +116,6 @@ def run_training(train_args: List[str], run_dir: Path, launch_config: Optional[s
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         output, _ = proc.communicate()
-    run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     statuses = {}
     for path in sorted((run_dir / "status").glob("rank_*.json")):

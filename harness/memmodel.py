@@ -23,10 +23,10 @@ Peak = max(forward/backward peak, optimizer-step peak), with
 
 Calibration (:meth:`MemoryModel.add_measurement`): for each family of cells sharing model, precision,
 attention and checkpointing, a multiplier on the activations is fitted to how measured peaks grow with
-the batch within a cell (the logits term is exact and stays analytic), and each measured setup (stage, world size) gets its additive offset;
-setups not measured yet take the family's mean offset, families without measurements the analytic
-values. :meth:`MemoryModel.error_report` compares predictions with every
-measured probe.
+the batch within a cell (the logits term is exact and stays analytic), and each measured setup (stage,
+world size) gets its additive offset; setups not measured yet take the family's mean offset, families
+without measurements the analytic values. :meth:`MemoryModel.error_report` compares predictions with
+every measured probe.
 """
 from __future__ import annotations
 
@@ -37,12 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-GIB = 2.0 ** 30
+from harness.config import GIB
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # stage name -> launch YAML in ds_configs/ (None: plain PyTorch, torchrun for several ranks)
 STAGES = {"ddp": None, "0": "zero0", "1": "zero1", "2": "zero2", "3": "zero3", "2-offload": "zero2_offload",
           "3-offload": "zero3_offload", "fsdp": "fsdp", "fsdp-sgo": "fsdp_shard_grad_op"}
+# DeepSpeed stages whose optimizer states are partitioned (an fp32 flat partition per rank)
+ZERO_PARTITIONED = ("1", "2", "3", "2-offload", "3-offload")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,12 @@ def model_shape(name: str) -> ModelShape:
     lists = tower_block_lists(model)
     towers = {}
     for tower, block_lists in lists.items():
+        if tower == "text":
+            width, heads, mlp_ratio = txt["width"], txt.get("heads", 8), txt.get("mlp_ratio", 4.0)
+        elif dtp:
+            width, heads, mlp_ratio = dtp["width"], dtp["heads"], dtp.get("mlp_ratio", 4.0)
+        else:
+            width, heads, mlp_ratio = vis["width"], vis["width"] // vis.get("head_width", 64), 4.0
         blocks = []
         for i, blist in enumerate(block_lists):
             if tower == "text":
@@ -108,13 +117,8 @@ def model_shape(name: str) -> ModelShape:
                 tokens = 1 + math.ceil(patches / dtp["compression"])
             else:
                 tokens = 1 + patches
-            for blk in blist:
-                n = sum(p.numel() for p in blk.parameters())
-                width = (txt["width"] if tower == "text" else (dtp["width"] if dtp else vis["width"]))
-                heads = (txt.get("heads", 8) if tower == "text" else
-                         (dtp["heads"] if dtp else vis["width"] // vis.get("head_width", 64)))
-                mlp = int(width * ((dtp or {}).get("mlp_ratio", 4.0) if tower == "image" else txt.get("mlp_ratio", 4.0)))
-                blocks.append(Block(tokens, width, mlp, heads, n))
+            blocks += [Block(tokens, width, int(width * mlp_ratio), heads, sum(p.numel() for p in blk.parameters()))
+                       for blk in blist]
         towers[tower] = tuple(blocks)
     params = sum(p.numel() for p in model.parameters())
     in_blocks = sum(b.params for blocks in towers.values() for b in blocks)
@@ -134,10 +138,16 @@ class Setup:
 
     @property
     def launch_json(self) -> Dict:
-        name = STAGES[self.stage]
-        if name is None or name.startswith("fsdp"):
-            return {}
-        return json.loads((REPO_ROOT / "ds_configs" / f"{name}.json").read_text())
+        """The stage's DeepSpeed JSON (``{}`` for DDP and FSDP2); read once per stage."""
+        return _launch_json(self.stage)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_json(stage: str) -> Dict:
+    name = STAGES[stage]
+    if name is None or name.startswith("fsdp"):
+        return {}
+    return json.loads((REPO_ROOT / "ds_configs" / f"{name}.json").read_text())
 
 
 def _elem_bytes(precision: str) -> int:
@@ -149,9 +159,9 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
     ``device_type`` "cpu" counts CPU-offloaded states too (they live in the same memory)."""
     P, N = shape.params, s.world
     zero = s.launch_json.get("zero_optimization", {})
-    native_fp16 = s.precision == "fp16" and s.stage in ("1", "2", "3", "2-offload", "3-offload")
+    native_fp16 = s.precision == "fp16" and s.stage in ZERO_PARTITIONED
     module = 2 if native_fp16 else 4
-    bucket = float(zero.get("reduce_bucket_size", 5e8)) * module
+    bucket_elems = float(zero.get("reduce_bucket_size", 5e8))
     out: Dict[str, float] = {}
     stage = s.stage
     if stage in ("ddp", "0"):
@@ -165,14 +175,14 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
         # gradient staging buckets (contiguous_gradients; a second one with overlap_comm), allocated when
         # backward starts: fp32 at ZeRO-1 (its accumulator), the module's dtype at ZeRO-2
         if zero.get("contiguous_gradients", True) or stage == "2-offload":
-            per = float(zero.get("reduce_bucket_size", 5e8)) * (4 if stage == "1" else module)
+            per = bucket_elems * (4 if stage == "1" else module)
             out["buffers"] = per * (2 if zero.get("overlap_comm") else 1)
         if stage == "2-offload" and device_type != "cpu":
             out["optimizer"] = 0.0
             out["grads"] = 0.0
     elif stage in ("3", "3-offload"):
         out.update(params=module * P / N, grads=4 * P / N, optimizer=12 * P / N,
-                   gathered=2 * module * shape.largest_block, buffers=bucket)
+                   gathered=2 * module * shape.largest_block, buffers=bucket_elems * module)
         if stage == "3-offload" and device_type != "cpu":
             out.update(params=0.0, grads=0.0, optimizer=0.0)
     else:  # FSDP2: fp32 shards; blocks gathered in the compute dtype, the root group in fp32
@@ -250,7 +260,7 @@ class MemoryModel:
         # tensor: DeepSpeed steps one flat fp32 partition, FSDP2 and DDP per parameter)
         if self.device_type == "cuda":
             out["step_extra"] = 2 * out.get("grads", 0.0)
-        elif s.stage in ("1", "2", "3", "2-offload", "3-offload"):
+        elif s.stage in ZERO_PARTITIONED:
             out["step_extra"] = 2 * 4.0 * shape.params / s.world
         else:
             out["step_extra"] = 2 * 4.0 * shape.largest_param / (s.world if s.stage.startswith("fsdp") else 1)
@@ -297,10 +307,6 @@ class MemoryModel:
             return alpha, offsets[s]
         same_stage = [v for k, v in offsets.items() if k.stage == s.stage] or list(offsets.values())
         return alpha, (sum(same_stage) / len(same_stage) if same_stage else 0.0)
-
-    def is_calibrated(self, model: str, s: Setup) -> bool:
-        """True once any cell of ``s``'s family has a measured point above the optimizer-step branch."""
-        return self.family(model, s) in self._fit
 
     def max_batch(self, model: str, s: Setup, limit_bytes: float, granularity: int, cap: int,
                   anchor: Optional[Tuple[int, float, float]] = None) -> int:
@@ -368,13 +374,15 @@ class MemoryModel:
         ``analytic_error`` (no calibration), ``cross_error`` (calibrated on every *other* cell's probes:
         what the model predicts for a cell it has not seen) and ``error`` (calibrated on all probes)."""
         out = []
+        held_out: Dict[Tuple[str, Setup], MemoryModel] = {}  # per cell: calibrated on the other cells
         for model, s, batch, peak in self.points:
-            held_out = MemoryModel(self.device_type)
-            for m2, s2, b2, p2 in self.points:
-                if (m2, s2) != (model, s):
-                    held_out.add_measurement(m2, s2, b2, p2)
+            if (model, s) not in held_out:
+                held_out[model, s] = MemoryModel(self.device_type)
+                for m2, s2, b2, p2 in self.points:
+                    if (m2, s2) != (model, s):
+                        held_out[model, s].add_measurement(m2, s2, b2, p2)
             cal, ana = self.predict(model, s, batch), self.predict(model, s, batch, calibrated=False)
-            cross = held_out.predict(model, s, batch)
+            cross = held_out[model, s].predict(model, s, batch)
             out.append({"model": model, "stage": s.stage, "precision": s.precision, "checkpointing": s.checkpointing,
                         "attention": s.attention, "world": s.world, "batch": batch, "measured_gib": peak / GIB,
                         "predicted_gib": cal / GIB, "cross_predicted_gib": cross / GIB, "analytic_gib": ana / GIB,

@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-GIB = 2.0 ** 30
+from harness.config import GIB
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from harness.launch import run_training
+from harness.launch import run_training, synthetic_train_args
 
 # Dense peak TFLOP/s by device-name substring and precision (vendor data sheets; fp32 = TF32 tensor cores
 # where the device has them, as PyTorch uses them for fp32 matmuls only when allowed).
@@ -89,28 +89,20 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
 
 def run_one(model: str, batch: int, args, out: Path) -> Dict[str, Any]:
     """One child training run; returns its summary.json (raises with the child's output on failure)."""
-    run_name = f"{model}-b{batch}"
     world = args.num_processes if args.launch_config else 1
-    samples = (args.steps * batch * world)
-    train_args = ["--config", "synthetic", "--model", model,
-                  "--train-data", args.train_data, "--micro-batch-size", str(batch), "--train-samples", str(samples),
-                  "--precision", args.precision, "--output-dir", str(out / "runs"), "--run-name", run_name,
-                  f"train.timing_warmup_steps={args.warmup_steps}", "train.progress_bar=false",
-                  "checkpoint.every_steps=0", "checkpoint.save_final=false",
-                  f"eval.zeroshot_data={args.zeroshot_data or 'null'}"]
+    run_dir = out / "runs" / f"{model}-b{batch}"
+    train_args = synthetic_train_args(model, batch, args.steps, world, run_dir, args.warmup_steps) + [
+        "--train-data", args.train_data, "--precision", args.precision, "checkpoint.every_steps=0",
+        "checkpoint.save_final=false", f"eval.zeroshot_data={args.zeroshot_data or 'null'}"]
     if args.train_data != "synthetic":
         train_args.append(f"data.num_workers={args.num_workers}")
     if args.trace_step:
         train_args.append(f"train.profile_step={args.trace_step}")
-    run_dir = out / "runs" / run_name
     if (run_dir / "summary.json").is_file() and not args.rerun:
         return json.loads((run_dir / "summary.json").read_text())
-    if run_dir.exists():
-        import shutil
-        shutil.rmtree(run_dir)
     res = run_training(train_args, run_dir, args.launch_config, args.num_processes)
     if res.summary is None or res.returncode != 0:
-        raise RuntimeError(f"profile run {run_name} failed ({res.returncode}):\n{res.output[-4000:]}")
+        raise RuntimeError(f"profile run {run_dir.name} failed ({res.returncode}):\n{res.output[-4000:]}")
     return res.summary
 
 

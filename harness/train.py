@@ -22,7 +22,7 @@ import yaml
 
 import models
 from harness import checkpoint as ckpt_mod
-from harness.config import BatchLayout, ConfigError, JobConfig, to_dict, validate
+from harness.config import GIB, BatchLayout, ConfigError, JobConfig, to_dict, validate
 from harness.data import DataTracker, build_train_loader, epoch_samples
 from harness.engine import (autocast_dtype, build_engine, check_device_support, detect_launch, device_memory_gib,
                             init_distributed, local_parameter_elements, select_device)
@@ -221,7 +221,7 @@ def memory_tracker(cfg: JobConfig, device: torch.device, rank: int):
     hook = os.environ.get(RANK_BUDGET_SCALE_ENV, "")
     if budget and hook.split(":")[0] == str(rank):
         budget *= float(hook.split(":")[1])
-    return TensorMemoryTracker(int(budget * 2 ** 30) if budget else None)
+    return TensorMemoryTracker(int(budget * GIB) if budget else None)
 
 
 def _run(cfg: JobConfig, layout: BatchLayout, launch, total_samples: int, resume_from: Optional[Path],
@@ -386,7 +386,7 @@ def _loop(cfg, engine, loader, loss_fn, tracker, writer, timer, layout, device, 
 
     local_params = local_parameter_elements(engine.module)
     peak, kind = peak_memory_gib(device, mem)
-    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else 0.0
+    reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else 0.0
     peak_t, reserved_t = _reduce([peak, reserved], "max", device)
     counters = tracker.counters()
     bad = {k: int(v) for k, v in zip(counters, _reduce(list(counters.values()), "sum", device))}

@@ -59,6 +59,20 @@ def flash_attn_available() -> bool:
     return _flash_attn() is not None
 
 
+def _require_flash_attn():
+    """The flash-attn package; raises AttentionBackendError when it is not installed."""
+    fa = _flash_attn()
+    if fa is None:
+        raise AttentionBackendError("attention backend flash_attn: the flash-attn package is not installed")
+    return fa
+
+
+def check_backend_name(backend: str) -> None:
+    """Raises AttentionBackendError (naming :data:`ATTENTION_BACKENDS`) for an unknown backend."""
+    if backend not in ATTENTION_BACKENDS:
+        raise AttentionBackendError(f"model.attention: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *,
               mask: Optional[torch.Tensor] = None, causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None) -> torch.Tensor:
@@ -93,9 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *
             probs = F.dropout(probs, p=dropout_p)
         return probs @ v
     if backend == "flash_attn":
-        fa = _flash_attn()
-        if fa is None:
-            raise AttentionBackendError("attention backend flash_attn: the flash-attn package is not installed")
+        fa = _require_flash_attn()
         if mask is not None:
             raise AttentionBackendError("attention backend flash_attn takes no padding mask; use the packed "
                                         "(varlen) path")
@@ -123,10 +135,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     sequence at a time with :func:`attention` (no mask needed, so forced mask-less kernels run too).
     """
     if backend == "flash_attn":
-        fa = _flash_attn()
-        if fa is None:
-            raise AttentionBackendError("attention backend flash_attn: the flash-attn package is not installed")
-        return fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        return _require_flash_attn().flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                          dropout_p=dropout_p, softmax_scale=scale)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
@@ -173,8 +182,7 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Non
         AttentionBackendError: unknown backend, or one that cannot run on ``device`` in ``dtype``; the
             message gives the reason and the backends that do run.
     """
-    if backend not in ATTENTION_BACKENDS:
-        raise AttentionBackendError(f"model.attention: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    check_backend_name(backend)
     reason = backend_error(backend, device, dtype)
     if reason is not None:
         avail = available_backends(device, dtype)
@@ -280,8 +288,7 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
         AttentionBackendError: ``backend`` is not one of :data:`ATTENTION_BACKENDS`.
         ValueError: the text tower's mask is not a plain causal mask (a variant this harness does not build).
     """
-    if backend not in ATTENTION_BACKENDS:
-        raise AttentionBackendError(f"model.attention: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    check_backend_name(backend)
     text_mask = getattr(model, "attn_mask", None)
     if text_mask is not None and not text_mask.is_meta and not _is_causal_mask(text_mask):  # meta: no values
         raise ValueError("set_attention_backend: the text tower's attention mask is not causal")

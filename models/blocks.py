@@ -5,7 +5,7 @@ The harness applies distribution and memory knobs to a plain model afterwards (t
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -19,6 +19,14 @@ def tower_block_lists(model: nn.Module) -> Dict[str, List[nn.ModuleList]]:
     visual = model.visual
     image = visual.block_lists() if hasattr(visual, "block_lists") else [visual.transformer.resblocks]
     return {"image": image, "text": [model.transformer.resblocks]}
+
+
+def iter_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(tower, block)`` for every transformer block of :func:`tower_block_lists`, in forward order."""
+    for tower, lists in tower_block_lists(model).items():
+        for blocks in lists:
+            for blk in blocks:
+                yield tower, blk
 
 
 def checkpoint_every(block_lists: List[nn.ModuleList], every: int) -> int:
@@ -65,9 +73,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     keeps its class and state-dict keys; torchtitan compiles per block too, which keeps graphs small and
     lets FSDP2 / ZeRO hooks sit between blocks). Returns the number of compiled blocks."""
     n = 0
-    for lists in tower_block_lists(model).values():
-        for blocks in lists:
-            for blk in blocks:
-                blk.compile(**compile_kwargs)
-                n += 1
+    for _, blk in iter_blocks(model):
+        blk.compile(**compile_kwargs)
+        n += 1
     return n

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
-from harness.launch import run_training  # noqa: E402
+from harness.launch import run_training, synthetic_train_args  # noqa: E402
 from harness.metrics import dump_result  # noqa: E402
 from models.attention import available_backends  # noqa: E402
 
@@ -77,12 +76,8 @@ def main(argv=None) -> int:
             continue
         world = args.num_processes if launch is not None else 1
         run_name = name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
-        train_args = ["--config", "synthetic", "--model", args.model, "--micro-batch-size", str(args.batch),
-                      "--train-samples", str(args.steps * args.batch * world), "--output-dir", str(work),
-                      "--run-name", run_name, f"train.timing_warmup_steps={args.warmup}", "train.track_memory=true",
-                      "train.progress_bar=false", *extra]
-        if (work / run_name).exists():
-            shutil.rmtree(work / run_name)
+        train_args = synthetic_train_args(args.model, args.batch, args.steps, world, work / run_name, args.warmup
+                                          ) + ["train.track_memory=true", *extra]
         res = run_training(train_args, work / run_name, launch or None, world, args.timeout)
         s = res.summary or {}
         row = {"knob": name, "ok": res.returncode == 0 and bool(s), "world_size": world,

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 
+from harness.launch import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -85,20 +87,12 @@ def accelerate_launch(config: str, train_args: List[str], **kw) -> subprocess.Co
     """``accelerate launch --config_file ds_configs/<config> train.py <train_args>`` as a real multi-process run."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     return run_cmd([accelerate, "launch", "--config_file", str(REPO / "ds_configs" / config),
-                    "--main_process_port", str(_free_port()), str(REPO / "train.py"), *train_args], **kw)
+                    "--main_process_port", str(free_port()), str(REPO / "train.py"), *train_args], **kw)
 
 
 def train_py(train_args: List[str], **kw) -> subprocess.CompletedProcess:
     """``python train.py <train_args>`` (single process)."""
     return run_cmd([sys.executable, str(REPO / "train.py"), *train_args], **kw)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> List[dict]:

@@ -16,7 +16,7 @@ import pytest
 from harness.fitprobe import Cell, doubling_probes, how_obtained, search_cell
 from harness.fitstore import ResultsStore
 from harness.memmodel import GIB, MemoryModel
-from tests.conftest import REPO
+from tests.conftest import REPO, read_jsonl
 
 HARNESS = str(Path(sys.executable).with_name("harness"))
 BUDGET = 0.25  # GiB per probe process
@@ -29,10 +29,6 @@ def fit_probe(args, env=None, timeout=1800, check=True) -> subprocess.CompletedP
     if check and proc.returncode != 0:
         raise AssertionError(f"fit-probe failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
-
-
-def _jsonl(path: Path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------- the search
@@ -136,8 +132,8 @@ def test_cpu_probe_finds_the_boundary_exactly(sweep):
     """For each measured cell the store holds a probe at the found batch that fits (peak within the budget)
     and one at the next granularity step that ran out of memory at the budget."""
     out, _ = sweep
-    cells = {c["cell"]: c for c in _jsonl(out / "cells.jsonl")}
-    probes = {(p["cell"], p["batch"]): p for p in _jsonl(out / "probes.jsonl")}
+    cells = {c["cell"]: c for c in read_jsonl(out / "cells.jsonl")}
+    probes = {(p["cell"], p["batch"]): p for p in read_jsonl(out / "probes.jsonl")}
     measured = [c for c in cells.values() if c["how"] == "measured"]
     assert {(c["model"], c["stage"]) for c in measured} == {(m, s) for m in ("ViT-micro-8", "ViT-tiny-8")
                                                             for s in ("ddp", "fsdp")}
@@ -150,13 +146,13 @@ def test_cpu_probe_finds_the_boundary_exactly(sweep):
 
 def test_every_cell_gets_a_number_and_says_how(sweep):
     out, _ = sweep
-    cells = {(c["model"], c["stage"], c["gpus_per_node"]): c for c in _jsonl(out / "cells.jsonl")}
+    cells = {(c["model"], c["stage"], c["gpus_per_node"]): c for c in read_jsonl(out / "cells.jsonl")}
     assert len(cells) == 8
     for model in ("ViT-micro-8", "ViT-tiny-8"):
         assert cells[(model, "fsdp", 4)]["how"] == "emulated" and cells[(model, "fsdp", 4)]["max_batch"] > 0
         assert cells[(model, "ddp", 4)]["how"] == "predicted" and cells[(model, "ddp", 4)]["max_batch"] > 0
         assert cells[(model, "ddp", 4)]["probes_total"] == 0
-    emulated = [p for p in _jsonl(out / "probes.jsonl") if p["how"] == "emulated"]
+    emulated = [p for p in read_jsonl(out / "probes.jsonl") if p["how"] == "emulated"]
     assert emulated and all(p["ranks"] == {"0": p["ranks"]["0"]} for p in emulated)  # one process, rank 0 of 4
 
 
@@ -176,7 +172,7 @@ def test_calibrated_search_needs_at_most_3_probes_per_cell(sweep):
     """Cells that start from a calibrated memory model need <= 3 probes on average; the plain doubling
     search, replayed on the same boundaries, needs more (both printed)."""
     out, stdout = sweep
-    cells = [c for c in _jsonl(out / "cells.jsonl") if c["how"] in ("measured", "emulated")]
+    cells = [c for c in read_jsonl(out / "cells.jsonl") if c["how"] in ("measured", "emulated")]
     calibrated = [c["probes_total"] for c in cells if c["calibrated_start"]]
     assert calibrated and sum(calibrated) / len(calibrated) <= 3.0, calibrated
     doubling = [c["doubling_probes"] for c in cells]
@@ -215,13 +211,13 @@ def test_killed_sweep_resumes_without_redoing_finished_cells(tmp_path):
     time.sleep(3)  # into the second cell's first probe
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    first = _jsonl(cells)[0]
-    probes_before = [p for p in _jsonl(out / "probes.jsonl") if p["cell"] == first["cell"]]
+    first = read_jsonl(cells)[0]
+    probes_before = [p for p in read_jsonl(out / "probes.jsonl") if p["cell"] == first["cell"]]
     proc = fit_probe(args)
     assert "1 already done" in proc.stdout
-    probes_after = [p for p in _jsonl(out / "probes.jsonl") if p["cell"] == first["cell"]]
+    probes_after = [p for p in read_jsonl(out / "probes.jsonl") if p["cell"] == first["cell"]]
     assert probes_after == probes_before  # the finished cell was not probed again
-    done = {c["cell"] for c in _jsonl(cells)}
+    done = {c["cell"] for c in read_jsonl(cells)}
     assert len(done) == 2 and first["cell"] in done
 
 
@@ -232,13 +228,13 @@ def test_one_rank_out_of_memory_is_agreed_and_the_sweep_goes_on(tmp_path):
     fit_probe(["--models", "ViT-micro-8", "--stages", "fsdp", "--precisions", "fp32", "--gpus-per-node", "2,1",
                "--budget-gib", str(BUDGET), "--granularity", "64", "--timeout", "300", "--out", str(out)],
               env={"HARNESS_MEMORY_BUDGET_SCALE_RANK": "1:0.5"})
-    probes = [p for p in _jsonl(out / "probes.jsonl") if p["cell"].endswith("1x2")]
+    probes = [p for p in read_jsonl(out / "probes.jsonl") if p["cell"].endswith("1x2")]
     one_rank = [p for p in probes if p["outcome"] == "oom" and p["ranks"].get("1") == "oom"
                 and p["ranks"].get("0") != "oom"]
     assert one_rank, probes
     assert all(p["seconds"] < 120 and p["returncode"] is not None for p in one_rank)
     assert all(p["reason"].startswith("rank 1:") for p in one_rank)
-    cells = _jsonl(out / "cells.jsonl")
+    cells = read_jsonl(out / "cells.jsonl")
     assert [c["gpus_per_node"] for c in cells] == [2, 1] and all(c["max_batch"] > 0 for c in cells)
     assert cells[0]["max_batch"] < cells[1]["max_batch"]  # rank 1's half budget bounds the 2-rank cell
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from harness.checkpoint import complete_checkpoints
-from tests.conftest import REPO, _free_port, read_jsonl
+from harness.launch import free_port
+from tests.conftest import REPO, read_jsonl
 
 
 def _dry_run(script: str, env: dict, *args: str) -> list:
@@ -62,7 +63,7 @@ def test_batch_script_checkpoints_requeues_and_resumes(tmp_path):
     stubs = _stubs(tmp_path / "bin")
     env = {**os.environ, "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "GPUS_PER_NODE": "2",
-           "MASTER_PORT": str(_free_port()), "LAUNCH_CONFIG": "ds_configs/fsdp.yaml", "CUDA_VISIBLE_DEVICES": "",
+           "MASTER_PORT": str(free_port()), "LAUNCH_CONFIG": "ds_configs/fsdp.yaml", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1", "STOP_FILE": str(tmp_path / "stop"), "HARNESS_VENV": str(tmp_path / "no-venv")}
     args = [str(REPO / "slurm" / "train.sbatch"), "--config", "synthetic", "--model", "ViT-micro-8",
             "--output-dir", str(tmp_path / "runs"), "--run-name", "job", "--micro-batch-size", "8",
@@ -87,7 +88,7 @@ def test_batch_script_checkpoints_requeues_and_resumes(tmp_path):
                                         "train.progress_bar=false", "--max-steps", str(stopped_at["steps"] + 2)],
                            env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"resumed from" in rerun.stdout + rerun.stderr
+    assert "resumed from" in rerun.stdout + rerun.stderr
     final = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
     assert final["steps"] == stopped_at["steps"] + 2 and not final["stopped_by_stop_file"]
     assert (stubs / "requeued").read_text().split() == ["4242"]  # not requeued again

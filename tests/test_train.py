@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from harness.checkpoint import FAULT_ENV, complete_checkpoints, load_model_state
