@@ -1,10 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Both install first (into .venv).
+# `make test-fast` is the quick subset (not the slow multi-process runs).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LAUNCH := $(VENV)/bin/accelerate launch --config_file ds_configs/zero2.yaml
 
-.PHONY: install demo data test clean
+.PHONY: install demo data lint test test-fast clean
 
 install: $(STAMP)
 
@@ -23,8 +24,17 @@ data: install
 demo: data
 	$(LAUNCH) train.py --config digits --run-name digits-demo-$$(date +%Y%m%d-%H%M%S)
 
-test: install
+# ruff (config in ruff.toml); part of `make test`
+lint: install
+	$(VENV)/bin/ruff check .
+
+# the full suite (real multi-process runs on gloo included)
+test: lint
 	$(PY) -m pytest -q tests
+
+# the quick subset: everything not marked slow (single-process units), a few minutes on two cores
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf runs data

@@ -30,7 +30,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "ruff>=0.6"],
         "peer": ["pandas"],  # open_clip_train (the peer benchmark) imports it
         "flash": ["flash-attn>=2.5"],  # CUDA only; built from source, optional
     },

@@ -17,21 +17,17 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from harness.distributed import barrier as _barrier
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 FAULT_ENV = "HARNESS_FAULT_IN_CHECKPOINT_SAVE"
 """Test hook: when set to a step number, the process exits after writing that step's files but before
 the checkpoint is made complete (a kill in the middle of saving)."""
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -75,7 +71,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: Dict[str, Any], rank_st
     """Write checkpoint ``step`` atomically (collective: every rank calls it). Returns the final folder.
 
     Args:
-        engine: a :mod:`harness.engine` engine (``save(directory, rank)``).
+        engine: an :class:`harness.engines.Engine` (``save(directory, rank)``).
         root: checkpoints folder.
         step: optimizer steps taken.
         meta: JSON-serialisable run state written by rank 0 (``step``, ``samples_seen``, ``world_size``, ...).
@@ -150,3 +146,34 @@ def load_model_state(ckpt: Path) -> Dict[str, torch.Tensor]:
             return torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)["model"]
     raise FileNotFoundError(f"no model weights in checkpoint {ckpt}")
 
+
+
+class CheckpointManager:
+    """One run's checkpoints: atomic saves every ``checkpoint.every_steps``, pruning to ``keep_last``, and
+    restoring engine state, this rank's RNG and data position (torchtitan's ``CheckpointManager`` role).
+
+    Args:
+        run_dir: the run folder (checkpoints go to ``run_dir/checkpoints``).
+        keep_last: complete checkpoints kept.
+        rank: this process's rank.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int, rank: int):
+        self.root = checkpoint_root(run_dir)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.last_step: Optional[int] = None  # step of the last checkpoint saved or restored by this process
+
+    def save(self, engine, step: int, meta: Dict[str, Any], rank_state: Dict[str, Any]) -> Path:
+        """Save checkpoint ``step`` (collective); see :func:`save_checkpoint`."""
+        path = save_checkpoint(engine, self.root, step, meta, rank_state, self.rank, self.keep_last)
+        self.last_step = step
+        return path
+
+    def restore(self, engine, ckpt: Path) -> Tuple[int, Dict[str, Any]]:
+        """Load engine state from ``ckpt`` and set this rank's RNG; returns ``(step, rank state)``."""
+        engine.load(ckpt)
+        state = load_rank_state(ckpt, self.rank)
+        set_rng_state(state["rng"])
+        self.last_step = read_meta(ckpt)["step"]
+        return self.last_step, state

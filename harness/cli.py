@@ -15,29 +15,30 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from harness.config import ConfigError, describe, from_dict, load_preset, merge, nested, parse_override
+from harness.config_manager import describe, from_dict, load_preset, merge, nested, parse_override
+from harness.errors import ConfigError
 
 DEFAULT_PRESET = "digits"
 OOM_EXIT = 3  # exit status of a training process that ran out of memory (status/rank_*.json says "oom")
 DIGITS_DIR = "data/digits"
 
-# flag -> dotted config key
+# flag -> (dotted config key, help); every value is text parsed by the field's declared type
 TRAIN_FLAGS = {
-    "--model": ("model.name", str, "registered model name (harness models)"),
-    "--train-data": ("data.train_data", str, "shards: folder, brace pattern, glob, .tar, or 'synthetic'"),
-    "--max-steps": ("train.max_steps", int, "stop after this many optimizer steps (schedule unchanged)"),
-    "--micro-batch-size": ("train.micro_batch_size", int, "per-rank batch of one forward/backward"),
-    "--global-batch-size": ("train.global_batch_size", int, "samples per optimizer step over all ranks"),
-    "--train-samples": ("train.train_samples", int, "training length in samples (sets the LR schedule)"),
-    "--epochs": ("train.epochs", float, "training length in epochs of the training data"),
-    "--precision": ("train.precision", str, "fp32 | bf16 | fp16"),
-    "--attention": ("model.attention", str, "sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | math | flash_attn"),
-    "--grad-checkpointing": ("model.grad_checkpointing", int, "checkpoint every k-th block of both towers (0 off)"),
-    "--seed": ("train.seed", int, "seed for init, data order and augmentation"),
-    "--output-dir": ("output_dir", str, "parent folder of run directories"),
-    "--run-name": ("run_name", str, "run directory name (default: model name)"),
-    "--resume": ("checkpoint.resume", str, "'latest' or a checkpoint directory"),
-    "--zeroshot-data": ("eval.zeroshot_data", str, "ImageFolder directory for zero-shot eval ('none' to skip)"),
+    "--model": ("model.name", "registered model name (harness models)"),
+    "--train-data": ("data.train_data", "shards: folder, brace pattern, glob, .tar, or 'synthetic'"),
+    "--max-steps": ("train.max_steps", "stop after this many optimizer steps (schedule unchanged)"),
+    "--micro-batch-size": ("train.micro_batch_size", "per-rank batch of one forward/backward"),
+    "--global-batch-size": ("train.global_batch_size", "samples per optimizer step over all ranks"),
+    "--train-samples": ("train.train_samples", "training length in samples (sets the LR schedule)"),
+    "--epochs": ("train.epochs", "training length in epochs of the training data"),
+    "--precision": ("train.precision", "fp32 | bf16 | fp16"),
+    "--attention": ("model.attention", "sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | math | flash_attn"),
+    "--grad-checkpointing": ("model.grad_checkpointing", "checkpoint every k-th block of both towers (0 off)"),
+    "--seed": ("train.seed", "seed for init, data order and augmentation"),
+    "--output-dir": ("output_dir", "parent folder of run directories"),
+    "--run-name": ("run_name", "run directory name (default: model name)"),
+    "--resume": ("checkpoint.resume", "'latest' or a checkpoint directory"),
+    "--zeroshot-data": ("eval.zeroshot_data", "ImageFolder directory for zero-shot eval ('none' to skip)"),
 }
 
 
@@ -46,8 +47,8 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
                                 "DeepSpeed / several processes). Extra arguments section.field=value override "
                                 "any config field (see --help-config).")
     p.add_argument("--config", default=DEFAULT_PRESET, help=f"YAML preset path or name (default {DEFAULT_PRESET})")
-    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
+    for flag, (key, help_) in TRAIN_FLAGS.items():
+        p.add_argument(flag, default=None, help=f"{help_} [{key}]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--help-config", action="store_true", help="list every config field with its doc and exit")
@@ -59,15 +60,14 @@ def build_config(argv: List[str], prog: str = "train.py") -> tuple:
     """Parse ``argv`` into ``(JobConfig, parsed args)``.
 
     Raises:
-        ConfigError: unknown key, bad value, missing preset.
+        ConfigError: unknown key, bad value (parsed by the field's declared type, see
+            :mod:`harness.config_manager`), missing preset.
     """
     args = _train_parser(prog).parse_intermixed_args(argv)
     data = load_preset(args.config) if args.config else {}
-    for flag, (key, _, _) in TRAIN_FLAGS.items():
+    for flag, (key, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            if key == "eval.zeroshot_data" and str(value).lower() in ("none", "null", ""):
-                value = None
             data = merge(data, nested(key, value))
     # a training length given as a flag replaces the preset's, whichever unit the preset used
     if args.epochs is not None and args.train_samples is None:
@@ -108,15 +108,16 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
             return 0
         if args.print_config:
             import yaml
+
             from harness.config import to_dict
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         # the embedded default dataset is made on first use
         if cfg.data.train_data.rstrip("/") == f"{DIGITS_DIR}/train" or cfg.eval.zeroshot_data == f"{DIGITS_DIR}/val":
             ensure_digits(DIGITS_DIR)
-        from harness.train import run
-
         import torch
+
+        from harness.train import run
 
         try:
             run(cfg)
@@ -155,7 +156,8 @@ def _flops(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print("forward cost per sample, fvcore with attention counted; unit GMACs (1 multiply-add = 1; GFLOPs = 2 x GMACs)")
-    print(f"{'model':<24} {'image GMACs':>12} {'measured':>9} {'SF nominal':>10} {'SF measured':>11} {'text GMACs':>11}")
+    print(f"{'model':<24} {'image GMACs':>12} {'measured':>9} {'SF nominal':>10} {'SF measured':>11} "
+          f"{'text GMACs':>11}")
     for r in rows:
         meas = r.get("image_gmacs_measured")
         sfn, sfm = r.get("shortening_factor_nominal"), r.get("shortening_factor_measured")
@@ -212,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{info['val']} held-out images to {args.out}/val")
         return 0
     if args.cmd == "data" and args.data_cmd == "count":
-        from harness.data import count_samples, expand_shards
+        from harness.shards import count_samples, expand_shards
         try:
             shards = expand_shards(args.shards, "shards")
         except ConfigError as e:

@@ -1,8 +1,11 @@
-"""The typed job config: nested dataclasses, loaded from a YAML preset, overridden from the command line.
+"""The typed job config: nested dataclasses, one per section, each validating itself.
 
-Every field has a one-line docstring (torchtitan's ``JobConfig`` habit). The config is validated by
-:func:`validate` before any process group is created, so bad input fails with a message that names
-the field (``section.field``) and the allowed values, and nothing already on disk is touched.
+Every field has a one-line docstring (torchtitan's ``JobConfig`` habit) and a declared type; choices are
+``Literal`` types. A section checks its own fields in ``__post_init__`` (so a bad value fails where the
+section is built, with a message naming ``section.field`` and the allowed values); checks across sections
+and against the filesystem are :func:`validate`. Hardware checks (which kernels this machine runs, memory
+budgets against the device) live in :mod:`harness.hardware`; building a config from presets, flags and
+``section.field=value`` overrides, parsed by each field's declared type, in :mod:`harness.config_manager`.
 
 Batch arithmetic lives in one place, :func:`batch_layout`:
 ``global_batch = micro_batch * grad_accum_steps * world_size``.
@@ -12,28 +15,47 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Literal, Optional, get_args
 
-import yaml
+from harness.errors import ConfigError
+from harness.shards import expand_shards
+from models.attention import AttentionBackend
 
 GIB = 2.0 ** 30  # bytes per GiB
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = get_args(Precision)
+__all__ = ["ConfigError", "GIB", "PRECISIONS", "JobConfig", "ModelConfig", "DataConfig", "TrainConfig", "OptimConfig",
+           "CheckpointConfig", "EvalConfig", "BatchLayout", "batch_layout", "validate", "to_dict"]
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field (``section.field``)."""
+def _check(section: object, ok_when: dict) -> None:
+    """Raise :class:`ConfigError` for the first ``"field": (condition, requirement)`` whose condition is False."""
+    prefix = getattr(section, "SECTION", "")
+    for name, (ok, requirement) in ok_when.items():
+        if not ok:
+            raise ConfigError(f"{prefix}{name}: {requirement}, got {getattr(section, name)!r}")
+
+
+def check_choice(section: object, name: str) -> None:
+    """Raise :class:`ConfigError` when ``section.name`` is not one of its ``Literal`` type's choices."""
+    import typing
+
+    tp = typing.get_type_hints(type(section))[name]
+    choices = get_args(tp)
+    if typing.get_origin(tp) is Literal and getattr(section, name) not in choices:
+        raise ConfigError(f"{getattr(section, 'SECTION', '')}{name}: {getattr(section, name)!r} is not one of "
+                          f"{', '.join(map(str, choices))}")
 
 
 @dataclass
 class ModelConfig:
+    SECTION = "model."
     name: str = "ViT-tiny-8"
     """Registered model name (``harness models`` lists them)."""
-    attention: str = "sdpa"
+    attention: AttentionBackend = "sdpa"
     """Attention kernel of both towers: ``sdpa`` (PyTorch picks), ``sdpa_flash``, ``sdpa_efficient``,
     ``sdpa_cudnn`` (SDPA forced to one kernel), ``math`` (unfused reference: "flash off"), ``flash_attn``
     (the flash-attn package; CUDA, bf16/fp16)."""
@@ -43,9 +65,21 @@ class ModelConfig:
     compile: bool = False
     """``torch.compile`` each transformer block (in place, so checkpoints keep their keys)."""
 
+    def __post_init__(self):
+        import models
+
+        try:
+            models.get_spec(self.name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        check_choice(self, "attention")
+        _check(self, {"grad_checkpointing": (self.grad_checkpointing >= 0,
+                                             "must be >= 0 (0 off, k: every k-th block)")})
+
 
 @dataclass
 class DataConfig:
+    SECTION = "data."
     train_data: str = "data/digits/train"
     """Training shards: a folder of img2dataset output, a brace pattern (``shards/{00000..00099}.tar``),
     a glob, a single ``.tar``, several of those joined by ``::``, or ``synthetic`` (random images and
@@ -59,9 +93,18 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 decodes in the training process."""
 
+    def __post_init__(self):
+        _check(self, {
+            "train_num_samples": (self.train_num_samples is None or self.train_num_samples >= 1,
+                                  "must be a positive integer"),
+            "shuffle_buffer": (self.shuffle_buffer >= 0, "must be >= 0"),
+            "num_workers": (self.num_workers >= 0, "must be >= 0"),
+        })
+
 
 @dataclass
 class TrainConfig:
+    SECTION = "train."
     micro_batch_size: int = 32
     """Per-GPU (per-rank) batch of one forward/backward pass; the contrastive loss sees this many
     local samples per step (``micro_batch_size * world_size`` in total)."""
@@ -75,7 +118,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps without changing the schedule (a run stopped here and
     resumed behaves exactly like one killed at that step)."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """Numeric precision: ``fp32``, ``bf16`` or ``fp16`` (dynamic loss scaling); mapped onto DeepSpeed's
     bf16/fp16 modes, FSDP2's mixed-precision policy or ``torch.autocast``. CLIP's ``logit_scale`` and the
     loss stay fp32."""
@@ -108,9 +151,29 @@ class TrainConfig:
     """Record a PyTorch profiler trace of this step (``trace_step<N>_rank<R>.json`` in the run directory)
     and, on CUDA, a memory snapshot (``memory_snapshot_step<N>_rank<R>.pickle``, for pytorch.org/memory_viz)."""
 
+    def __post_init__(self):
+        check_choice(self, "precision")
+        positive = "must be a positive integer"
+        _check(self, {
+            "micro_batch_size": (self.micro_batch_size >= 1, positive),
+            "global_batch_size": (self.global_batch_size is None or self.global_batch_size >= 1, positive),
+            "train_samples": (self.train_samples is None or self.train_samples >= 1, positive),
+            "epochs": (self.epochs is None or self.epochs > 0, "must be > 0"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, positive),
+            "loss_scale_init": (self.loss_scale_init >= 1 and math.log2(self.loss_scale_init).is_integer(),
+                                "must be a power of 2 >= 1"),
+            "loss_scale_window": (self.loss_scale_window >= 1, "must be >= 1"),
+            "log_every_steps": (self.log_every_steps >= 1, "must be >= 1"),
+            "timing_warmup_steps": (self.timing_warmup_steps >= 0, "must be >= 0"),
+            "memory_budget_gib": (self.memory_budget_gib is None or self.memory_budget_gib > 0, "must be > 0"),
+            "emulate_world_size": (self.emulate_world_size is None or self.emulate_world_size >= 1, positive),
+            "profile_step": (self.profile_step is None or self.profile_step >= 1, positive),
+        })
+
 
 @dataclass
 class OptimConfig:
+    SECTION = "optim."
     lr: float = 5e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.2
@@ -128,9 +191,18 @@ class OptimConfig:
     grad_clip_norm: Optional[float] = 1.0
     """Clip the global gradient L2 norm to this; ``null`` disables clipping."""
 
+    def __post_init__(self):
+        _check(self, {
+            "lr": (self.lr > 0, "must be > 0"),
+            "warmup_samples": (self.warmup_samples >= 0, "must be >= 0"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            "grad_clip_norm": (self.grad_clip_norm is None or self.grad_clip_norm > 0, "must be > 0 or null"),
+        })
+
 
 @dataclass
 class CheckpointConfig:
+    SECTION = "checkpoint."
     every_steps: int = 100
     """Save a checkpoint every this many optimizer steps (0: only at the end)."""
     keep_last: int = 2
@@ -144,9 +216,14 @@ class CheckpointConfig:
     """When this file exists (checked at each log step, agreed by all ranks), save a checkpoint and stop
     without evaluating; the Slurm template creates it before the time limit and requeues the job."""
 
+    def __post_init__(self):
+        _check(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
+                      "keep_last": (self.keep_last >= 1, "must be >= 1")})
+
 
 @dataclass
 class EvalConfig:
+    SECTION = "eval."
     zeroshot_data: Optional[str] = "data/digits/val"
     """Labelled ImageFolder-style directory for zero-shot top-1/top-5 (``null``: no eval). Optional
     ``classnames.txt`` / ``templates.txt`` inside it; ImageNet synset folders get open_clip's ImageNet
@@ -155,6 +232,10 @@ class EvalConfig:
     """Also evaluate every this many steps (0: only at the end)."""
     batch_size: int = 256
     """Images per rank per eval forward pass."""
+
+    def __post_init__(self):
+        _check(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
+                      "batch_size": (self.batch_size >= 1, "must be >= 1")})
 
 
 @dataclass
@@ -182,128 +263,12 @@ class JobConfig:
         return Path(self.output_dir) / (self.run_name or self.model.name)
 
 
-# --------------------------------------------------------------------------- dict <-> dataclass
-
-def _is_dataclass_type(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _field_types(cls) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(path: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotated type ``tp`` (ints accepted for floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(path, value, inner[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        return value
-    raise ConfigError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _apply(obj, data: Dict[str, Any], prefix: str = "") -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    types = _field_types(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"{path}: no such config key; valid keys here: {', '.join(names)}")
-        tp = types[key]
-        if _is_dataclass_type(tp):
-            _apply(getattr(obj, key), value, path + ".")
-        else:
-            setattr(obj, key, _coerce(path, value, tp))
-
-
-def to_dict(cfg: JobConfig) -> Dict[str, Any]:
+def to_dict(cfg: JobConfig) -> dict:
     """Plain nested dict of ``cfg`` (what is saved to ``config.yaml``)."""
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: Dict[str, Any]) -> JobConfig:
-    """Build a :class:`JobConfig` from defaults updated by ``data``.
-
-    Raises:
-        ConfigError: unknown key or wrongly typed value (message names ``section.field``).
-    """
-    cfg = JobConfig()
-    _apply(cfg, data or {})
-    return cfg
-
-
-def load_preset(name_or_path: str) -> Dict[str, Any]:
-    """Read a YAML preset: a path, or the name of a file in ``harness/presets`` (``.yaml`` optional).
-
-    Raises:
-        ConfigError: the preset does not exist or is not a mapping.
-    """
-    path = Path(name_or_path)
-    if not path.exists():
-        candidate = PRESET_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
-        if not candidate.exists():
-            presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"config: preset {name_or_path!r} not found (a YAML path, or one of: {', '.join(presets)})")
-        path = candidate
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: preset {path} must be a YAML mapping")
-    return data
-
-
-def parse_override(text: str) -> Dict[str, Any]:
-    """``"train.micro_batch_size=64"`` -> ``{"train": {"micro_batch_size": 64}}`` (value parsed as YAML).
-
-    Raises:
-        ConfigError: no ``=`` in ``text``.
-    """
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.field=value")
-    key, raw = text.split("=", 1)
-    return nested(key.strip(), yaml.safe_load(raw) if raw != "" else None)
-
-
-def nested(dotted_key: str, value: Any) -> Dict[str, Any]:
-    """``("train.seed", 3)`` -> ``{"train": {"seed": 3}}``."""
-    out: Dict[str, Any] = {}
-    node = out
-    parts = dotted_key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    """Recursive dict merge (``update`` wins); returns a new dict."""
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- across sections
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -335,8 +300,6 @@ def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
         ConfigError: the global batch is not a positive multiple of ``micro_batch_size * world_size``.
     """
     micro = train.micro_batch_size
-    if micro < 1:
-        raise ConfigError(f"train.micro_batch_size: must be a positive integer, got {micro}")
     per_step = micro * world_size
     glob = train.global_batch_size if train.global_batch_size is not None else per_step
     if glob < 1 or glob % per_step != 0:
@@ -352,12 +315,12 @@ def launch_world_size() -> int:
 
 
 def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool = True) -> BatchLayout:
-    """Check every field that can be checked before a process group exists.
+    """Check what involves several sections or the filesystem (each section checked its own fields).
 
     Args:
         cfg: the job config.
-        world_size: data-parallel ranks; default from the launcher's ``WORLD_SIZE``.
-        check_paths: also check that data paths exist (shards, eval folder).
+        world_size: data-parallel ranks; default ``train.emulate_world_size`` or the launcher's ``WORLD_SIZE``.
+        check_paths: also check that data paths exist (shards, eval folder, checkpoint to resume).
 
     Returns:
         The run's :class:`BatchLayout`.
@@ -365,136 +328,23 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     Raises:
         ConfigError: the first invalid field, named.
     """
-    import models  # local: keep config importable without torch for tooling
-
-    if cfg.train.emulate_world_size is not None and cfg.train.emulate_world_size < 1:
-        raise ConfigError(f"train.emulate_world_size: must be a positive integer, got {cfg.train.emulate_world_size}")
-    world_size = world_size or cfg.train.emulate_world_size or launch_world_size()
-    try:
-        models.get_spec(cfg.model.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    t, o, c, d, e = cfg.train, cfg.optim, cfg.checkpoint, cfg.data, cfg.eval
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    check_model_knobs(cfg)
-    if not (t.loss_scale_init >= 1 and math.log2(t.loss_scale_init).is_integer()):
-        raise ConfigError(f"train.loss_scale_init: must be a power of 2 >= 1, got {t.loss_scale_init}")
-    if t.memory_budget_gib is not None:
-        total = host_memory_gib()
-        if not t.memory_budget_gib > 0:
-            raise ConfigError(f"train.memory_budget_gib: must be > 0, got {t.memory_budget_gib}")
-        if not _cuda_available() and t.memory_budget_gib > total:
-            raise ConfigError(f"train.memory_budget_gib: {t.memory_budget_gib:g} GiB is more than this machine's "
-                              f"{total:.1f} GiB of memory")
-    if t.loss_scale_window < 1:
-        raise ConfigError(f"train.loss_scale_window: must be >= 1, got {t.loss_scale_window}")
-    layout = batch_layout(t, world_size)
+    t, d, c, e = cfg.train, cfg.data, cfg.checkpoint, cfg.eval
+    layout = batch_layout(t, world_size or t.emulate_world_size or launch_world_size())
     if (t.train_samples is None) == (t.epochs is None):
         raise ConfigError("train.train_samples / train.epochs: set exactly one of them")
     if t.train_samples is not None and t.train_samples < layout.global_batch_size:
         raise ConfigError(f"train.train_samples: {t.train_samples} is less than one global batch "
                           f"({layout.global_batch_size})")
-    if t.epochs is not None and t.epochs <= 0:
-        raise ConfigError(f"train.epochs: must be > 0, got {t.epochs}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps: must be a positive integer, got {t.max_steps}")
-    for name, val in [("train.log_every_steps", t.log_every_steps), ("eval.batch_size", e.batch_size),
-                      ("checkpoint.keep_last", c.keep_last)]:
-        if val < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {val}")
-    for name, val in [("train.timing_warmup_steps", t.timing_warmup_steps), ("data.num_workers", d.num_workers),
-                      ("data.shuffle_buffer", d.shuffle_buffer), ("checkpoint.every_steps", c.every_steps),
-                      ("eval.every_steps", e.every_steps), ("optim.warmup_samples", o.warmup_samples)]:
-        if val < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {val}")
-    if not o.lr > 0:
-        raise ConfigError(f"optim.lr: must be > 0, got {o.lr}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
-    if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
-        raise ConfigError(f"optim.grad_clip_norm: must be > 0 or null, got {o.grad_clip_norm}")
-    if d.train_num_samples is not None and d.train_num_samples < 1:
-        raise ConfigError(f"data.train_num_samples: must be a positive integer, got {d.train_num_samples}")
-    if c.resume is not None and c.resume != "latest" and check_paths and not Path(c.resume).is_dir():
+    if not check_paths:
+        return layout
+    if c.resume is not None and c.resume != "latest" and not Path(c.resume).is_dir():
         raise ConfigError(f"checkpoint.resume: {c.resume!r} is neither 'latest' nor an existing checkpoint directory")
-    if check_paths:
-        from harness import data as data_mod
-        if d.train_data != "synthetic":
-            data_mod.expand_shards(d.train_data)  # raises ConfigError naming data.train_data
-        elif t.epochs is not None and d.train_num_samples is None:
-            raise ConfigError("train.epochs: synthetic data has no epoch; set train.train_samples or data.train_num_samples")
-        if e.zeroshot_data is not None and not Path(e.zeroshot_data).is_dir():
-            raise ConfigError(f"eval.zeroshot_data: {e.zeroshot_data!r} is not a directory (ImageFolder layout: one "
-                              "sub-folder of images per class); set it to null to skip zero-shot eval")
+    if d.train_data != "synthetic":
+        expand_shards(d.train_data)  # raises ConfigError naming data.train_data
+    elif t.epochs is not None and d.train_num_samples is None:
+        raise ConfigError("train.epochs: synthetic data has no epoch; set train.train_samples or "
+                          "data.train_num_samples")
+    if e.zeroshot_data is not None and not Path(e.zeroshot_data).is_dir():
+        raise ConfigError(f"eval.zeroshot_data: {e.zeroshot_data!r} is not a directory (ImageFolder layout: one "
+                          "sub-folder of images per class); set it to null to skip zero-shot eval")
     return layout
-
-
-def host_memory_gib() -> float:
-    """Physical memory of this machine in GiB."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_model_knobs(cfg: JobConfig) -> None:
-    """Check attention backend, checkpointing and precision against this machine without touching a GPU
-    (no CUDA context is created: ranks have not picked their device yet). The kernels themselves are
-    tried once the device is set (:func:`models.attention.check_backend`).
-
-    Raises:
-        ConfigError: unknown value, or one this machine cannot run (named, with what it can).
-    """
-    import torch
-
-    from models.attention import AttentionBackendError, available_backends, check_backend_name, flash_attn_available
-
-    m, t = cfg.model, cfg.train
-    try:
-        check_backend_name(m.attention)
-    except AttentionBackendError as e:
-        raise ConfigError(str(e)) from None
-    cuda = _cuda_available()
-    if not cuda and m.attention in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
-        cpu = available_backends(torch.device("cpu"), torch.float32)  # tried on tiny CPU tensors
-        raise ConfigError(f"model.attention: {m.attention!r} needs a CUDA GPU; available on this CPU machine: "
-                          f"{', '.join(cpu)}")
-    if m.attention == "flash_attn":
-        if not flash_attn_available():
-            raise ConfigError("model.attention: 'flash_attn' needs the flash-attn package (pip install "
-                              "'.[flash]' on a CUDA machine); available without it: sdpa, sdpa_flash, "
-                              "sdpa_efficient, sdpa_cudnn, math")
-        if t.precision == "fp32":
-            raise ConfigError("model.attention: 'flash_attn' runs in bf16/fp16 only; set train.precision to bf16 "
-                              "or fp16, or use sdpa / math with fp32")
-    if m.grad_checkpointing < 0:
-        raise ConfigError(f"model.grad_checkpointing: must be >= 0 (0 off, k: every k-th block), got "
-                          f"{m.grad_checkpointing}")
-
-
-def describe(cls=JobConfig, prefix: str = "") -> List[str]:
-    """``section.field (type, default): docstring`` lines for every field (used by ``--help-config``)."""
-    import ast
-    import inspect
-    import textwrap
-
-    docs: Dict[str, str] = {}
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    lines = []
-    types = _field_types(cls)
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        tp = types[f.name]
-        if _is_dataclass_type(tp):
-            lines.extend(describe(tp, prefix + f.name + "."))
-        else:
-            lines.append(f"{prefix}{f.name} = {getattr(inst, f.name)!r}: {docs.get(f.name, '')}")
-    return lines

@@ -23,121 +23,24 @@ Design points:
 """
 from __future__ import annotations
 
-import glob
 import io
-import json
 import logging
-import os
 import random
-import tarfile
 import zlib
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from harness.config import ConfigError
+from harness.shards import IMAGE_EXTS, count_samples, expand_shards, tar_is_complete
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 COUNTERS = ("read_errors", "truncated_shards", "corrupt", "incomplete")
 
 
-# --------------------------------------------------------------------------- shard lists
-
-def expand_shards(spec: str, field_name: str = "data.train_data") -> List[str]:
-    """Expand a shard spec into a sorted list of existing ``.tar`` paths.
-
-    ``spec`` is one or more (joined by ``::``) of: a folder (its ``*.tar`` files, img2dataset
-    output), a brace pattern ``dir/{00000..00099}.tar``, a glob, or a file.
-
-    Raises:
-        ConfigError: a path is missing or a folder holds no ``.tar``; the message names ``field_name``.
-    """
-    import braceexpand
-
-    out: List[str] = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if not part:
-            continue
-        p = Path(part)
-        if p.is_dir():
-            tars = sorted(str(x) for x in p.glob("*.tar"))
-            if not tars:
-                raise ConfigError(f"{field_name}: folder {part!r} holds no .tar shards")
-            out.extend(tars)
-            continue
-        for item in braceexpand.braceexpand(part):
-            if any(ch in item for ch in "*?["):
-                matches = sorted(glob.glob(item))
-                if not matches:
-                    raise ConfigError(f"{field_name}: pattern {item!r} matches no file")
-                out.extend(matches)
-            elif Path(item).is_file():
-                out.append(item)
-            else:
-                raise ConfigError(f"{field_name}: shard not found: {item!r} (from {spec!r})")
-    if not out:
-        raise ConfigError(f"{field_name}: no shards in {spec!r}")
-    return out
-
-
-def count_samples(shards: List[str]) -> int:
-    """Number of samples (keys with an image) in ``shards``.
-
-    Uses img2dataset's ``<shard>_stats.json`` (``successes``) when present, else lists the tar's
-    members without decoding (a truncated tar counts what is readable).
-    """
-    total = 0
-    for shard in shards:
-        stats = Path(shard[: -len(".tar")] + "_stats.json")
-        if stats.is_file():
-            try:
-                total += int(json.loads(stats.read_text())["successes"])
-                continue
-            except (ValueError, KeyError):
-                pass
-        keys = set()
-        try:
-            with tarfile.open(shard) as tf:
-                for member in tf:
-                    base, _, ext = member.name.rpartition(".")
-                    if ext.lower() in IMAGE_EXTS:
-                        keys.add(base)
-        except (tarfile.TarError, OSError):
-            pass
-        total += len(keys)
-    return total
-
-
-def tar_is_complete(path: str) -> bool:
-    """False when a local tar file lacks the end-of-archive marker (two zero 512-byte blocks after the
-    last member, within a file whose size is a multiple of 512), i.e. it was cut short (e.g. a
-    download or copy killed mid-file). Non-local URLs are assumed complete."""
-    p = Path(path)
-    if not p.is_file():
-        return True
-    size = p.stat().st_size
-    if size < 1024 or size % 512:
-        return False
-    with open(p, "rb") as f:
-        f.seek(size - 1024)
-        return f.read(1024) == bytes(1024)
-
-
 # --------------------------------------------------------------------------- roles and seeds
-
-def dist_info() -> tuple:
-    """``(rank, world_size)`` from ``torch.distributed`` if initialised, else the launcher's env."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
 
 def _seed(*parts: Any) -> int:
     """Stable 63-bit seed from ``parts`` (Python's ``hash`` is salted per process; crc32 is not)."""
@@ -146,6 +49,35 @@ def _seed(*parts: Any) -> int:
 
 def _initial_state() -> Dict[str, int]:
     return {"epoch": 0, "offset": 0, **{k: 0 for k in COUNTERS}}
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Where a stream's data roles sit: this process's data-parallel ``rank`` of ``world_size``, and its
+    DataLoader ``workers`` (0: one role, in-process). Each worker of each rank is one role."""
+
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 0
+
+    @property
+    def per_rank(self) -> int:
+        return max(1, self.workers)
+
+    @property
+    def total(self) -> int:
+        return self.per_rank * self.world_size
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a stream draws samples: the base ``seed`` of shard order, shuffle buffer and augmentation; shards
+    ``resampled`` with replacement (open_clip's ``--dataset-resampled``) or in epoch-wise passes; the
+    ``shuffle_buffer`` size in samples (0: off)."""
+
+    seed: int = 0
+    resampled: bool = False
+    shuffle_buffer: int = 1000
 
 
 class ShardStream(IterableDataset):
@@ -161,37 +93,29 @@ class ShardStream(IterableDataset):
         batch_size: micro batch (samples per yielded batch).
         transform: PIL image -> ``[3, H, W]`` tensor.
         tokenizer: list of ``B`` captions -> ``[B, context_length]``.
-        seed: base seed of shard order, shuffle buffer and augmentation.
-        rank, world_size: data-parallel position of this process.
-        num_workers: DataLoader workers per rank (0: in-process); each is one role.
-        resampled: draw shards with replacement instead of epoch passes.
-        shuffle_buffer: shuffle buffer size in samples (0: off).
+        roles: data-parallel position of this process and its DataLoader workers (:class:`Roles`).
+        sampling: seed, resampling and shuffle buffer (:class:`Sampling`).
         resume: ``{"roles": {local_role: state}, "batches": consumed batches}`` from a checkpoint.
     """
 
-    def __init__(self, shards: List[str], batch_size: int, transform: Callable, tokenizer: Callable, seed: int,
-                 rank: int, world_size: int, num_workers: int, resampled: bool = False,
-                 shuffle_buffer: int = 1000, resume: Optional[Dict[str, Any]] = None):
+    def __init__(self, shards: List[str], batch_size: int, transform: Callable, tokenizer: Callable, roles: Roles,
+                 sampling: Sampling = Sampling(), resume: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.shards = list(shards)
         self.batch_size = batch_size
         self.transform = transform
         self.tokenizer = tokenizer
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.roles_per_rank = max(1, num_workers)
-        self.resampled = resampled
-        self.shuffle_buffer = shuffle_buffer
+        self.seed = sampling.seed
+        self.rank = roles.rank
+        self.roles_per_rank = roles.per_rank
+        self.n_roles = roles.total
+        self.resampled = sampling.resampled
+        self.shuffle_buffer = sampling.shuffle_buffer
         resume = resume or {}
         self.role_states = {int(k): dict(v) for k, v in resume.get("roles", {}).items()}
         # The DataLoader always starts with worker 0: rotate roles so worker 0 plays the role whose
         # batch comes next in the interrupted run's round-robin order.
         self.rotation = int(resume.get("batches", 0)) % self.roles_per_rank
-
-    @property
-    def n_roles(self) -> int:
-        return self.roles_per_rank * self.world_size
 
     def _role(self) -> int:
         info = get_worker_info()
@@ -257,7 +181,8 @@ class ShardStream(IterableDataset):
                 image = self.transform(im)
         except Exception as exn:  # PIL raises many types for corrupt/truncated files
             state["corrupt"] += 1
-            log.warning("data: skipped corrupt sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exn)
+            log.warning("data: skipped corrupt sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"),
+                        exn)
             return None
         return image, caption
 
@@ -379,8 +304,9 @@ def build_train_loader(data_cfg, model_name: str, micro_batch_size: int, seed: i
                              arch.get("vocab_size", 49408), seed, rank, resume)
         return DataLoader(ds, batch_size=None, num_workers=0)
     ds = ShardStream(expand_shards(data_cfg.train_data), micro_batch_size,
-                     models.image_transform(model_name, is_train=True), models.get_tokenizer(model_name), seed,
-                     rank, world_size, data_cfg.num_workers, data_cfg.resampled, data_cfg.shuffle_buffer, resume)
+                     models.image_transform(model_name, is_train=True), models.get_tokenizer(model_name),
+                     Roles(rank, world_size, data_cfg.num_workers),
+                     Sampling(seed, data_cfg.resampled, data_cfg.shuffle_buffer), resume)
     kwargs = {}
     if data_cfg.num_workers > 0:
         kwargs = dict(num_workers=data_cfg.num_workers, worker_init_fn=_worker_init, prefetch_factor=4,

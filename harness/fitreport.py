@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.fitprobe import FAILURES, TERMINAL
+from harness.fitcells import FAILURES, TERMINAL
+from harness.fitstore import ResultsStore
 
 HEADER = ["model", "batch size", "# nodes", "# GPUs per node", "effective batch size", "cluster", "partition", "fit?",
           "stage", "precision", "checkpointing", "attention", "device (memory)", "peak alloc GiB", "reserved GiB",
@@ -43,9 +44,10 @@ def table_rows(cells: List[Dict[str, Any]], probes: Dict[str, Dict[int, Dict]], 
     """Two rows per cell (fits / first that does not), as strings in :data:`HEADER` order."""
     rows = []
     for c in cells:
-        base = lambda batch: [_params_m(c["model"]), str(batch), str(c["nodes"]), str(c["gpus_per_node"]),
-                              str(batch * c["world"]) if isinstance(batch, int) else "-", cluster or "-",
-                              partition or "-"]
+        def base(batch, c=c):
+            return [_params_m(c["model"]), str(batch), str(c["nodes"]), str(c["gpus_per_node"]),
+                    str(batch * c["world"]) if isinstance(batch, int) else "-", cluster or "-", partition or "-"]
+
         knobs = [_stage_label(c["stage"]), c["precision"],
                  "off" if not c["checkpointing"] else ("every block" if c["checkpointing"] == 1
                                                       else f"every {c['checkpointing']} blocks"), c["attention"],
@@ -83,10 +85,8 @@ def _probe_index(probes: List[Dict[str, Any]]) -> Dict[str, Dict[int, Dict]]:
 def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env: Optional[Dict] = None) -> None:
     """``table.md``, ``table.csv``, ``peak_memory_vs_batch.png`` and (with a memory model) ``memory_model.json``.
     ``env`` is the sweep's environment fingerprint (default: the first cell record's)."""
-    from harness.fitstore import ResultsStore
-
     out = Path(out)
-    all_probes = ResultsStore._read(out / "probes.jsonl")
+    all_probes = ResultsStore(out, {}).all_records()[0]
     env = env or (cells[0].get("env", {}) if cells else {})
     cell_env = {c["cell"]: c.get("env", env) for c in cells}  # merged sweeps: each cell with its node's device
     probes = _probe_index([p for p in all_probes if p["cell"] in cell_env and p.get("env") == cell_env[p["cell"]]])
@@ -180,8 +180,6 @@ def _plot(cells, probes, path: Path, limit_gib: Optional[float], device_label: s
 def merge_stores(folders: List[Path], out: Path) -> List[Dict[str, Any]]:
     """Copy the records of several sweep folders (e.g. one per Slurm node) into ``out``'s store and return
     the merged cells (the last record of each cell wins). Nothing in the source folders is changed."""
-    from harness.fitstore import ResultsStore
-
     out.mkdir(parents=True, exist_ok=True)
     cells: Dict[str, Dict] = {}
     with open(out / "probes.jsonl", "a") as fp, open(out / "cells.jsonl", "a") as fc:

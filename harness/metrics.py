@@ -1,14 +1,21 @@
-"""Metrics: JSON-lines log, step timing with warm-up exclusion, peak memory."""
+"""Metrics: per-step scalars reduced over ranks at log steps, the JSON-lines log, the progress bar, step
+timing with warm-up exclusion, peak memory, and the profiler trace of one step."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import resource
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import torch
+
+from harness.distributed import all_reduce_floats
+
+log = logging.getLogger("harness")
 
 
 class JsonlWriter:
@@ -26,6 +33,101 @@ class JsonlWriter:
     def close(self) -> None:
         if self._f:
             self._f.close()
+
+
+class MetricLogger:
+    """Collects each micro batch's scalars (device tensors) and, at a log step, reduces them over the micro
+    batches of the interval and then over ranks in one all-reduce: keys ending in ``_max`` by max, the others
+    by mean; ``sums`` given to :meth:`reduce` (counters, flags that ranks vote on) ride in the same all-reduce,
+    summed. Rank 0 writes each record as one JSON line.
+
+    Args:
+        path: the ``metrics.jsonl`` file.
+        rank: this process's rank (only rank 0 writes).
+        world: ranks in the reduction.
+        device: where the reduction runs (NCCL reduces CUDA tensors only).
+    """
+
+    def __init__(self, path: Path, rank: int, world: int, device: torch.device):
+        self.writer = JsonlWriter(path, enabled=rank == 0)
+        self.world, self.device = world, device
+        self.interval: Dict[str, List[torch.Tensor]] = {}
+
+    def add(self, scalars: Mapping[str, torch.Tensor]) -> None:
+        """One micro batch's scalars (0-dim tensors; not read on the host here)."""
+        for k, v in scalars.items():
+            self.interval.setdefault(k, []).append(v)
+
+    def reduce(self, sums: Mapping[str, float]) -> Dict[str, float]:
+        """Means / maxima of the interval's scalars over micro batches and ranks, plus ``sums`` summed over
+        ranks; starts a new interval."""
+        maxes = {k: torch.stack(v).max().item() for k, v in self.interval.items() if k.endswith("_max")}
+        means = {k: torch.stack(v).mean().item() for k, v in self.interval.items() if k not in maxes}
+        reduced = all_reduce_floats([*means.values(), *sums.values()], "sum", self.device)
+        out = {k: r / self.world for k, r in zip(means, reduced)}
+        out.update(zip(sums, reduced[len(means):]))
+        if maxes:
+            out.update(zip(maxes, all_reduce_floats(list(maxes.values()), "max", self.device)))
+        self.interval = {}
+        return out
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self.writer.write(record)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ProgressBar:
+    """tqdm progress of optimizer steps on rank 0 (disabled elsewhere or when asked); the postfix shows loss,
+    LR, samples/s and the model's own keys (``progress_metrics`` of its image tower: metric -> short label)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, extra_keys: Mapping[str, str]):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
+        self.extra_keys = dict(extra_keys)
+
+    def show(self, record: Mapping[str, Any]) -> None:
+        postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                       samples_s=f"{record['samples_per_s']:.0f}")
+        postfix.update({label: f"{record[k]:.2f}" for k, label in self.extra_keys.items() if k in record})
+        self.bar.set_postfix(**postfix, refresh=False)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StepProfiler:
+    """A PyTorch profiler trace (CPU + CUDA activity, shapes, memory) of one optimizer step, and on CUDA a memory
+    snapshot (``memory_snapshot_step<N>_rank<R>.pickle``, for pytorch.org/memory_viz), written to ``run_dir``."""
+
+    def __init__(self, step: Optional[int], run_dir: Path, rank: int, device: torch.device):
+        self.step, self.run_dir, self.rank, self.device = step, Path(run_dir), rank, device
+
+    @contextlib.contextmanager
+    def maybe(self, step: int):
+        """Profile the body when ``step`` is the profiled step, else run it as is."""
+        if step != self.step:
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        if cuda:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+            yield
+        prof.export_chrome_trace(str(self.run_dir / f"trace_step{step}_rank{self.rank}.json"))
+        if cuda:
+            torch.cuda.memory._dump_snapshot(str(self.run_dir / f"memory_snapshot_step{step}_rank{self.rank}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        log.info("profiler trace of step %d written to %s", step, self.run_dir)
 
 
 class StepTimer:

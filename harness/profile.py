@@ -58,11 +58,13 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
     AdamW state tensors after the step; activations the distinct storages autograd saved for backward
     during the forward (``saved_tensors_hooks``), parameters excluded.
     """
+    from open_clip import ClipLoss
+
     import models
     from harness.config import JobConfig
-    from harness.engine import autocast_dtype, build_optimizer
+    from harness.engines.common import build_optimizer
+    from harness.hardware import autocast_dtype
     from harness.metrics import saved_activation_bytes
-    from open_clip import ClipLoss
 
     torch.manual_seed(0)
     model = models.create_model(name).train()
@@ -80,7 +82,8 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
     gib = 2.0 ** 30
     return {
         "params_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / gib,
-        "grads_gib": sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None) / gib,
+        "grads_gib": sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                         if p.grad is not None) / gib,
         "optimizer_gib": sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                              if torch.is_tensor(t)) / gib,
         "activations_gib": saved["bytes"] / gib,
@@ -158,7 +161,8 @@ def write_report(rows: List[Dict[str, Any]], out: Path, args) -> None:
         writer.writeheader()
         writer.writerows(rows)
     mem_kind = rows[0]["peak_mem_kind"]
-    mem_label = "peak GPU memory allocated (GiB)" if mem_kind == "cuda_max_allocated" else "peak memory, CPU max RSS (GiB)"
+    mem_label = ("peak GPU memory allocated (GiB)" if mem_kind == "cuda_max_allocated"
+                 else "peak memory, CPU max RSS (GiB)")
     lines = [
         f"# Profile: {', '.join(sorted({r['model'] for r in rows}))}",
         "",
@@ -231,14 +235,11 @@ def _plots(rows: List[Dict[str, Any]], out: Path, mem_label: str) -> None:
         plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``harness profile`` entry. Returns the exit status."""
-    import models
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", required=True, help="comma-separated registered model names")
-    p.add_argument("--micro-batch-size", required=True, help="per-device micro batch, or a comma-separated sweep")
+    p.add_argument("--models", help="comma-separated registered model names (required unless --report)")
+    p.add_argument("--micro-batch-size", help="per-device micro batch, or a comma-separated sweep")
     p.add_argument("--steps", type=int, default=6, help="training steps per run (warm-up included)")
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps excluded from averages")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -247,11 +248,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--train-data", default="synthetic", help="shards, or 'synthetic' (default)")
     p.add_argument("--num-workers", type=int, default=2, help="data workers per process for real shards")
     p.add_argument("--zeroshot-data", help="ImageFolder directory for top-1/top-5 (else 'not measured')")
-    p.add_argument("--trace-step", type=int, help="write a PyTorch profiler trace (and CUDA memory snapshot) of this step")
+    p.add_argument("--trace-step", type=int,
+                   help="write a PyTorch profiler trace (and CUDA memory snapshot) of this step")
     p.add_argument("--rerun", action="store_true", help="re-run models whose run already has a summary in --out")
+    p.add_argument("--report", action="store_true",
+                   help="only render report.md / .csv / plots of --out again from its report.json (no runs)")
     p.add_argument("--out", required=True, help="report folder")
-    args = p.parse_args(argv)
+    return p
+
+
+def render_report(out: Path) -> int:
+    """Render the reports of ``out`` again from ``report.json``, with the settings of the command that made them
+    (the ``Command:`` line of its ``report.md``)."""
+    import shlex
+
+    if not (out / "report.json").is_file() or not (out / "report.md").is_file():
+        print(f"error: --report: {out} holds no report.json / report.md", file=sys.stderr)
+        return 2
+    prefix = "Command: `"
+    command = next((ln[len(prefix):-1] for ln in (out / "report.md").read_text().splitlines()
+                    if ln.startswith(prefix)), None)
+    if command is None:
+        print(f"error: --report: {out / 'report.md'} names no command", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(shlex.split(command)[2:])
+    args.command = command
+    write_report(json.loads((out / "report.json").read_text()), out, args)
+    print((out / "report.md").read_text())
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``harness profile`` entry. Returns the exit status."""
+    import models
+
+    args = _parser().parse_args(argv)
     args.command = "harness profile " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        return render_report(Path(args.out))
+    if not args.models or not args.micro_batch_size:
+        print("error: --models and --micro-batch-size: required (unless --report)", file=sys.stderr)
+        return 2
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         for n in names:

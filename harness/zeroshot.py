@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ def class_names_and_templates(root: str) -> Tuple[List[str], List[str], List[str
 
 @torch.no_grad()
 def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transform: Callable,
-                  batch_size: int = 256, device: torch.device = torch.device("cpu"),
+                  batch_size: int = 256, device: Optional[torch.device] = None,
                   autocast_dtype: torch.dtype = None) -> Dict[str, float]:
     """Zero-shot top-1 / top-5 accuracy (fractions in [0, 1]) of a CLIP ``model`` on ImageFolder ``root``.
 
@@ -71,6 +71,7 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from torchvision.datasets import ImageFolder
 
+    device = device or torch.device("cpu")
     folders, names, templates = class_names_and_templates(root)
     dataset = ImageFolder(root, transform=transform)
     assert dataset.classes == folders

@@ -89,7 +89,8 @@ def _register_dtp() -> None:
         shape = (f"{d['pre_layers']} pre + {d['shortened_layers']} shortened"
                  + (f" + upsampling + {d['post_layers']} post" if d.get("upsample") else ", no upsampling"))
         tiny = d["width"] < 256
-        desc = f"DTP-ViT {d['image_size']} px, patch {d['patch_size']}, target shortening {d['compression']:g}x, {shape}"
+        desc = (f"DTP-ViT {d['image_size']} px, patch {d['patch_size']}, target shortening {d['compression']:g}x, "
+                f"{shape}")
         register(ModelSpec(path.stem, "dtp-vit", tiny, desc))
         if not d.get("upsample"):
             _ALIASES[path.stem + "-noup"] = path.stem

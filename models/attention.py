@@ -17,20 +17,22 @@ in every ``ResidualAttentionBlock`` is replaced by :class:`SelfAttention`, which
 parameter tensors (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), so state-dict keys and
 checkpoints are unchanged. The text tower's causal mask becomes ``is_causal=True`` (kernels such as
 FlashAttention take no arbitrary mask but do take causality). DTP-ViT's timm blocks are built with
-:class:`TimmSelfAttention` (a timm ``Attention`` with the kernel dispatch) and get the backend set.
-The idea of storing the kernel choice on the module at construction is timm's (``fused_attn``).
+:class:`TimmSelfAttention` (timm's ``Attention`` itself, its kernel switched by timm's ``fused_attn`` and an
+``sdpa_kernel`` context) and get the backend set. The idea of storing the kernel choice on the module at
+construction is timm's (``fused_attn``).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Tuple
+from typing import List, Literal, Optional, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
-ATTENTION_BACKENDS = ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "math", "flash_attn")
+AttentionBackend = Literal["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "math", "flash_attn"]
+ATTENTION_BACKENDS = get_args(AttentionBackend)
 # backends that cannot take an arbitrary (key-padding) mask on CUDA: DTP-ViT packs its segments for them
 MASKLESS_ON_CUDA = ("sdpa_flash", "sdpa_cudnn", "flash_attn")
 
@@ -120,6 +122,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *
                                               scale=scale)
 
 
+_FORCED_SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+
+
 def _sdpa_kernel(backend: str):
     from torch.nn.attention import sdpa_kernel
 
@@ -198,7 +203,8 @@ class SelfAttention(nn.Module):
     ``out_proj``), so a state dict of the original module loads unchanged.
 
     ``forward(q_x [B, N, D], k_x=None, v_x=None, need_weights=False, attn_mask=None) -> (out [B, N, D], None)``;
-    self-attention only: keys and values are computed from ``q_x`` (open_clip passes it as all three). A causal module ignores ``attn_mask``:
+    self-attention only: keys and values are computed from ``q_x`` (open_clip passes it as all three). A causal
+    module ignores ``attn_mask``:
     :func:`set_attention_backend` checked that the mask its tower passes is exactly the causal one.
     """
 
@@ -231,9 +237,11 @@ class SelfAttention(nn.Module):
 
 
 class TimmSelfAttention(TimmAttention):
-    """timm's ``Attention`` (same parameters: ``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj``) with
-    the kernel chosen by ``backend`` (set by :func:`set_attention_backend`; default ``sdpa``). DTP-ViT builds
-    its timm blocks with it (``Block(..., attn_layer=TimmSelfAttention)``).
+    """timm's ``Attention``, used as it is, with the kernel chosen once by :func:`set_attention_backend`: timm's own
+    ``fused_attn`` switch (False: timm's explicit softmax, the ``math`` reference) and, for the forced SDPA
+    kernels, a ``torch.nn.attention.sdpa_kernel`` context around timm's forward. Only ``flash_attn`` and the
+    packed path (:meth:`forward_packed`) are our code. DTP-ViT builds its timm blocks with it
+    (``Block(..., attn_layer=TimmSelfAttention)``).
 
     ``forward(x [B, N, D], attn_mask=None (bool, True = attend), is_causal=False) -> [B, N, D]``;
     :meth:`forward_packed` runs the same layer on packed sequences ``[T, D]``.
@@ -243,11 +251,18 @@ class TimmSelfAttention(TimmAttention):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        if self.backend == "flash_attn":
+            return self._flash_forward(x, attn_mask, is_causal)
+        ctx = _sdpa_kernel(self.backend) if self.backend in _FORCED_SDPA else contextlib.nullcontext()
+        with ctx:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _flash_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # [B, H, N, d]
-        o = attention(q, k, v, self.backend, mask=attn_mask, causal=is_causal, scale=self.scale,
+        o = attention(q, k, v, "flash_attn", mask=attn_mask, causal=is_causal, scale=self.scale,
                       dropout_p=self.attn_drop.p if self.training else 0.0)
         return self._out(o.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
@@ -299,6 +314,7 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
                 setattr(module, child_name, SelfAttention(child, backend, causal))
             elif isinstance(child, TimmSelfAttention):
                 child.backend = backend
+                child.fused_attn = backend != "math"  # timm's own switch: False = its explicit softmax
     for tower in (model, getattr(model, "visual", None)):
         if tower is not None:
             tower.attention_backend = backend

@@ -9,7 +9,10 @@ from typing import Dict, Iterator, List, Tuple
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl, CheckpointWrapper, checkpoint_wrapper)
+    CheckpointImpl,
+    CheckpointWrapper,
+    checkpoint_wrapper,
+)
 
 
 def tower_block_lists(model: nn.Module) -> Dict[str, List[nn.ModuleList]]:

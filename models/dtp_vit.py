@@ -109,11 +109,13 @@ class DTPConfig:
             raise ValueError(f"dtp_cfg.boundary_loss: {self.boundary_loss!r} is not supported for image towers: "
                              f"{_REJECTED_LOSSES[self.boundary_loss]}; allowed: {', '.join(BOUNDARY_LOSSES)}")
         if self.boundary_loss not in BOUNDARY_LOSSES:
-            raise ValueError(f"dtp_cfg.boundary_loss: {self.boundary_loss!r} is not one of {', '.join(BOUNDARY_LOSSES)}")
+            raise ValueError(f"dtp_cfg.boundary_loss: {self.boundary_loss!r} is not one of "
+                             f"{', '.join(BOUNDARY_LOSSES)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"dtp_cfg.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.eval_boundaries not in EVAL_BOUNDARIES:
-            raise ValueError(f"dtp_cfg.eval_boundaries: {self.eval_boundaries!r} is not one of {', '.join(EVAL_BOUNDARIES)}")
+            raise ValueError(f"dtp_cfg.eval_boundaries: {self.eval_boundaries!r} is not one of "
+                             f"{', '.join(EVAL_BOUNDARIES)}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"dtp_cfg.numerics: {self.numerics!r} is not one of {', '.join(NUMERICS)}")
         if self.varlen not in VARLEN:
@@ -190,6 +192,7 @@ class DTPViT(nn.Module):
     """
 
     attention_backend = "sdpa"  # set by models.attention.set_attention_backend
+    progress_metrics = {"shortening_factor": "SF"}  # shown by the trainer's progress bar (metric -> label)
 
     def __init__(self, cfg: DTPConfig):
         super().__init__()

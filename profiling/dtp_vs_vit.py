@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         del tower
     v, d = rows[args.vit], rows[args.dtp]
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "batch": args.batch, "warmup_steps_excluded": args.warmup, "measured_steps": args.steps,
         "models": rows,
         "step_time_speedup": v["step_time_s"] / d["step_time_s"],

@@ -21,6 +21,7 @@ steps (warm-up excluded).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -55,8 +56,18 @@ def knob_list(num_processes: int, device: torch.device):
     return knobs
 
 
+def knobs_table(result: dict) -> str:
+    """The Markdown table of a knob benchmark result (what the README quotes)."""
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    lines = ["| knob | peak tensor memory (GiB, max over ranks) | step time (s) | samples/s |", "|---|---|---|---|"]
+    lines += [f"| {r['knob']} | {fmt(r['peak_mem_gib'], '.3f')} | {fmt(r['avg_step_time_s'], '.3f')} | "
+              f"{fmt(r['samples_per_s'], '.0f')} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--render", metavar="JSON", help="print the table of a result file again (no runs)")
     p.add_argument("--model", default="ViT-tiny-8")
     p.add_argument("--batch", type=int, default=32, help="micro batch per rank")
     p.add_argument("--steps", type=int, default=6)
@@ -67,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the JSON result here too")
     p.add_argument("--work", default="runs/knobs", help="run folders")
     args = p.parse_args(argv)
+    if args.render:
+        print(knobs_table(json.loads(Path(args.render).read_text())))
+        return 0
     models.get_spec(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work).resolve()
@@ -92,11 +106,13 @@ def main(argv=None) -> int:
               f"{fmt(row['samples_per_s'], '8.1f')} samples/s{'' if row['ok'] else '  FAILED'}", flush=True)
     result = {
         "benchmark": "profiling/knobs.py", "command": "python profiling/knobs.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(0) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__, "model": args.model, "micro_batch_size": args.batch, "steps": args.steps,
         "warmup_steps_excluded": args.warmup, "rows": rows,
     }
     dump_result(result, args.out)
+    print(knobs_table(result))
     return 0
 
 

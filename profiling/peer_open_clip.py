@@ -8,7 +8,8 @@ Both run as fresh child processes, one after the other, in one invocation:
 * ours: ``python train.py --train-data synthetic`` (random tensors of the exact shapes).
 
 Same settings on both sides: one process, local loss + gather-with-grad, AdamW (lr 5e-4, wd 0.2,
-betas 0.9/0.98, eps 1e-6), no LR warm-up, no gradient clipping (open_clip's default), log every step. Step time = mean of the per-step times after the first ``--warmup`` steps (open_clip's
+betas 0.9/0.98, eps 1e-6), no LR warm-up, no gradient clipping (open_clip's default), log every step.
+Step time = mean of the per-step times after the first ``--warmup`` steps (open_clip's
 ``Batch (t)`` per logged step; ours ``avg_step_time_s``). Peak memory = each child's peak RSS
 (``ru_maxrss`` of the finished child, the same measure for both; it includes the Python runtime and
 libraries). On a GPU that is host memory; device memory is not compared by this script.
@@ -30,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from harness.metrics import dump_result  # noqa: E402
+
 _WRAP = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
          "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
 
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         "note": "open_clip on its --dataset-type synthetic path (its webdataset loader fails with webdataset 1.x: "
                 "KeyError 'fname'), ours on --train-data synthetic",
     }
-    result["samples_per_s_ratio"] = result["harness"]["samples_per_s_median"] / result["open_clip"]["samples_per_s_median"]
+    result["samples_per_s_ratio"] = (result["harness"]["samples_per_s_median"]
+                                     / result["open_clip"]["samples_per_s_median"])
     result["peak_memory_ratio"] = result["harness"]["peak_rss_gib_median"] / result["open_clip"]["peak_rss_gib_median"]
     dump_result(result, args.out)
     return 0

@@ -107,3 +107,15 @@ def digits_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_digits(str(out), num_shards=4)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where no CUDA device is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from harness.cli import build_config, train_main
-from harness.config import ConfigError, JobConfig, batch_layout, describe, from_dict, validate
+from harness.config import ConfigError, JobConfig, batch_layout, validate
+from harness.config_manager import describe, from_dict
 from tests.conftest import write_shards
 
 
@@ -108,12 +109,15 @@ def test_length_flag_replaces_the_presets_length(tmp_path):
 def test_what_this_cpu_cannot_run_is_refused_naming_what_it_can(tmp_path):
     import torch
 
-    from harness.engine import LaunchInfo, check_device_support
+    from harness.distributed import LaunchInfo
+    from harness.hardware import check_device_support, check_machine
 
     for backend in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
+        cfg = _cfg(tmp_path, model={"attention": backend})
+        validate(cfg, world_size=1)  # a valid config ...
         with pytest.raises(ConfigError, match=rf"model.attention: '{backend}' needs a CUDA GPU; available on "
                                               r"this CPU machine: sdpa, sdpa_flash, math"):
-            validate(_cfg(tmp_path, model={"attention": backend}), world_size=1)
+            check_machine(cfg)  # ... that this machine cannot run
     cpu = torch.device("cpu")
     fp16 = _cfg(tmp_path, train={"precision": "fp16"})
     validate(fp16, world_size=1)  # fp16 itself runs on a CPU (autocast + GradScaler) ...

@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader
 
 import models
 from harness.config import ConfigError
-from harness.data import DataTracker, ShardStream, count_samples, expand_shards
+from harness.data import DataTracker, Roles, Sampling, ShardStream
+from harness.shards import count_samples, expand_shards
 from tests.conftest import write_shards
 
 MODEL = "ViT-micro-8"
@@ -15,8 +16,8 @@ MODEL = "ViT-micro-8"
 
 def _stream(shards, batch, rank=0, world=1, workers=0, shuffle=0, resume=None, seed=0):
     tok = models.get_tokenizer(MODEL)
-    ds = ShardStream(shards, batch, models.image_transform(MODEL, is_train=True), tok, seed, rank, world,
-                     workers, shuffle_buffer=shuffle, resume=resume)
+    ds = ShardStream(shards, batch, models.image_transform(MODEL, is_train=True), tok, Roles(rank, world, workers),
+                     Sampling(seed, shuffle_buffer=shuffle), resume)
     # keep the raw captions too, to identify samples
     ds.tokenizer = lambda caps: (tok(caps), list(caps))
     return DataLoader(ds, batch_size=None, num_workers=workers)
@@ -137,8 +138,8 @@ def test_resampled_shards_draw_with_replacement_per_role(tmp_path):
     shards = expand_shards(str(tmp_path))
 
     def draws(rank):
-        ds = ShardStream(shards, 4, models.image_transform(MODEL, is_train=False), lambda c: list(c), 0, rank, 2, 0,
-                         resampled=True, shuffle_buffer=0)
+        ds = ShardStream(shards, 4, models.image_transform(MODEL, is_train=False), lambda c: list(c), Roles(rank, 2, 0),
+                         Sampling(0, resampled=True, shuffle_buffer=0))
         return [tuple(b["text"]) for _, b in zip(range(12), ds)]
 
     r0, r1 = draws(0), draws(1)

@@ -2,7 +2,6 @@
 prior matches a reference, numerics under half-precision autocast, nominal costs (fvcore GMACs)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from open_clip import ClipLoss
@@ -84,7 +83,8 @@ def test_binomial_prior_matches_scipy_and_is_differentiable():
 
 @pytest.mark.parametrize("name", ["entropy", "unigram"])
 def test_language_model_supervision_is_rejected_with_reason(name):
-    with pytest.raises(ValueError, match=rf"dtp_cfg.boundary_loss: '{name}' is not supported for image towers: .*allowed: binomial"):
+    with pytest.raises(ValueError, match=rf"dtp_cfg.boundary_loss: '{name}' is not supported for image towers: "
+                                         r".*allowed: binomial"):
         DTPConfig(boundary_loss=name)
 
 

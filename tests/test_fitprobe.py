@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.fitprobe import Cell, doubling_probes, how_obtained, search_cell
+from harness.fitcells import Cell
+from harness.fitsearch import doubling_probes, how_obtained, search_cell
 from harness.fitstore import ResultsStore
 from harness.memmodel import GIB, MemoryModel
 from tests.conftest import REPO, read_jsonl
@@ -106,13 +107,16 @@ def test_store_ignores_a_cut_record_and_notices_a_changed_environment(tmp_path):
     (["--models", "ViT-micro-8", "--budget-gib", None], r"--budget-gib: required without a GPU"),
     (["--models", "ViT-micro-8", "--steps", "1"], r"--steps: must be >= 2"),
 ])
-def test_bad_input_is_refused_before_any_probe(tmp_path, args, message):
+def test_bad_input_is_refused_before_any_probe(tmp_path, capsys, args, message):
+    from harness.fitprobe import main
+
     if None in args:
         args = args[:args.index("--budget-gib")]
     elif "--budget-gib" not in args:
         args = args + ["--budget-gib", "0.25"]
-    proc = fit_probe(args + ["--out", str(tmp_path / "out")], check=False, timeout=120)
-    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+    assert main(args + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
 
 
@@ -128,6 +132,7 @@ def sweep(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_cpu_probe_finds_the_boundary_exactly(sweep):
     """For each measured cell the store holds a probe at the found batch that fits (peak within the budget)
     and one at the next granularity step that ran out of memory at the budget."""
@@ -144,6 +149,7 @@ def test_cpu_probe_finds_the_boundary_exactly(sweep):
         assert fit["step_time_s"] > 0 and fit["samples_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_every_cell_gets_a_number_and_says_how(sweep):
     out, _ = sweep
     cells = {(c["model"], c["stage"], c["gpus_per_node"]): c for c in read_jsonl(out / "cells.jsonl")}
@@ -156,6 +162,7 @@ def test_every_cell_gets_a_number_and_says_how(sweep):
     assert emulated and all(p["ranks"] == {"0": p["ranks"]["0"]} for p in emulated)  # one process, rank 0 of 4
 
 
+@pytest.mark.slow
 def test_memory_model_predicts_every_measured_probe_within_10_percent(sweep):
     """Every measured probe's peak is predicted within 10% by the model calibrated on the *other* cells
     (what it would have said before probing the cell), and by the model calibrated on all probes."""
@@ -168,6 +175,7 @@ def test_memory_model_predicts_every_measured_probe_within_10_percent(sweep):
     assert "Memory model against" in stdout and "calibrated on the other cells only" in stdout
 
 
+@pytest.mark.slow
 def test_calibrated_search_needs_at_most_3_probes_per_cell(sweep):
     """Cells that start from a calibrated memory model need <= 3 probes on average; the plain doubling
     search, replayed on the same boundaries, needs more (both printed)."""
@@ -180,6 +188,7 @@ def test_calibrated_search_needs_at_most_3_probes_per_cell(sweep):
     assert re.search(r"Probes per cell: .* a plain doubling search .* would need", stdout)
 
 
+@pytest.mark.slow
 def test_table_markdown_csv_and_plot(sweep):
     out, _ = sweep
     md = (out / "table.md").read_text()
@@ -196,6 +205,7 @@ def test_table_markdown_csv_and_plot(sweep):
     assert (out / "peak_memory_vs_batch.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_cells(tmp_path):
     out = tmp_path / "sweep"
     args = ["--models", "ViT-micro-8", "--stages", "ddp,fsdp", "--precisions", "fp32", "--budget-gib", str(BUDGET),
@@ -221,6 +231,7 @@ def test_killed_sweep_resumes_without_redoing_finished_cells(tmp_path):
     assert len(done) == 2 and first["cell"] in done
 
 
+@pytest.mark.slow
 def test_one_rank_out_of_memory_is_agreed_and_the_sweep_goes_on(tmp_path):
     """Rank 1 gets half the budget (test hook): probes where only it runs out of memory end with the cell's
     outcome OOM agreed from the ranks' statuses, within seconds (no hang), and the next cell is probed."""
@@ -239,6 +250,7 @@ def test_one_rank_out_of_memory_is_agreed_and_the_sweep_goes_on(tmp_path):
     assert cells[0]["max_batch"] < cells[1]["max_batch"]  # rank 1's half budget bounds the 2-rank cell
 
 
+@pytest.mark.slow
 def test_merge_puts_sweeps_into_one_table(sweep, tmp_path):
     out, _ = sweep
     other = tmp_path / "node1"
@@ -251,6 +263,7 @@ def test_merge_puts_sweeps_into_one_table(sweep, tmp_path):
     assert (out / "cells.jsonl").read_text().count("\n") == 8  # the sources are untouched
 
 
+@pytest.mark.slow
 def test_report_renders_the_store_again(sweep, tmp_path):
     """``--report`` rebuilds the table from the store alone (a copy of it, so the sweep's own files stay as
     they were): the same rows, the sweep's command kept, the re-rendering command named, and the memory model

@@ -87,7 +87,8 @@ def test_unavailable_backend_says_why_and_names_what_runs():
         check_backend("nope", CPU, torch.float32)
     missing = [b for b in ATTENTION_BACKENDS if b not in available_backends(CPU, torch.float32)]
     assert missing, "every backend runs on this machine: nothing to refuse"
-    with pytest.raises(AttentionBackendError, match=r"is not available on cpu .*; available here: sdpa, sdpa_flash, math"):
+    with pytest.raises(AttentionBackendError,
+                       match=r"is not available on cpu .*; available here: sdpa, sdpa_flash, math"):
         check_backend(missing[0], CPU, torch.float32)
 
 

@@ -41,6 +41,7 @@ def test_forward_backward_reaches_every_parameter(name):
     loss = ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
     loss.backward()
     assert torch.isfinite(loss)
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert not missing, f"parameters without a finite gradient: {missing[:5]}"
     assert sum(p.grad.abs().sum().item() > 0 for p in model.parameters()) > 0.9 * len(list(model.parameters()))

@@ -23,6 +23,7 @@ def test_memory_breakdown_scales_with_batch_and_counts_adamw_state():
     assert 3.0 < large["activations_gib"] / small["activations_gib"] < 4.5  # ~linear in the batch
 
 
+@pytest.mark.slow
 def test_profile_writes_report_for_vit_and_dtp(tmp_path, digits_dir):
     out = tmp_path / "report"
     rc = main(["--models", "ViT-micro-8,DTP-ViT-micro-8-2x", "--micro-batch-size", "4,8", "--steps", "4",

@@ -30,6 +30,7 @@ SHARDED_RUNS = [
 ]
 
 
+@pytest.mark.slow
 def test_sharded_runs_follow_the_single_process_trajectory(tmp_path):
     """2-process ZeRO-0/1/2/3 (also with activation checkpointing), ZeRO-Offload 2/3 and FSDP2 (full shard
     with checkpointing every 2nd block, and shard-grad-op) on gloo against one process over the same global
@@ -53,6 +54,7 @@ def test_sharded_runs_follow_the_single_process_trajectory(tmp_path):
         assert abs(held - share) < 0.05, f"{config}: rank 0 holds {held:.2%} of the parameters, expected {share:.0%}"
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_exactly(tmp_path, digits_dir):
     """FSDP2 checkpoints (torch.distributed.checkpoint, one shard file per rank) resume bit for bit: a run
     stopped at step 9 and resumed follows the uninterrupted run's loss and LR, and ends with the same weights."""
@@ -67,6 +69,7 @@ def test_fsdp_resumes_exactly(tmp_path, digits_dir):
     assert summary["engine"] == "fsdp" and summary["zeroshot_top1"] is not None  # eval gathers the root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", [None, "fsdp.yaml"], ids=["single", "fsdp"])
 def test_fp16_recovers_from_overflow(tmp_path, launch):
     """fp16 with an initial loss scale of 2^30 (so the first backward overflows fp16) and a loss-scale window
@@ -96,8 +99,10 @@ def test_fp16_recovers_from_overflow(tmp_path, launch):
 def test_every_launch_config_loads_and_fills_its_deepspeed_json():
     """Every ds_configs/*.yaml is a valid Accelerate launch config; every DeepSpeed JSON gets the job's batch,
     clipping and precision (no "auto" left); FSDP configs name FSDP2 and a reshard setting."""
-    from harness.config import batch_layout, from_dict
-    from harness.engine import REPO_ROOT, deepspeed_config
+    from harness.config import batch_layout
+    from harness.config_manager import from_dict
+    from harness.distributed import REPO_ROOT
+    from harness.engines.deepspeed import deepspeed_config
 
     yamls = sorted((REPO_ROOT / "ds_configs").glob("*.yaml"))
     assert {p.stem for p in yamls} == {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp",
@@ -127,13 +132,15 @@ def test_every_launch_config_loads_and_fills_its_deepspeed_json():
                     ds["train_batch_size"]) == (8, 2, 64)
             assert '"auto"' not in json.dumps(ds)  # no value left as "auto"
             assert not ds["bf16"]["enabled"]  # bf16 runs as torch_autocast: logit_scale stays an fp32 parameter
-            assert ds["torch_autocast"]["enabled"] == (precision == "bf16" or (precision == "fp16" and zero["stage"] == 0))
+            autocast = precision == "bf16" or (precision == "fp16" and zero["stage"] == 0)
+            assert ds["torch_autocast"]["enabled"] == autocast
             assert ds["fp16"]["enabled"] == (precision == "fp16" and zero["stage"] > 0)
             if ds["fp16"]["enabled"]:
                 assert ds["fp16"]["initial_scale_power"] == 16 and ds["fp16"]["loss_scale_window"] == 1000
     assert named == jsons, f"DeepSpeed JSONs no launch config uses: {jsons - named}"
 
 
+@pytest.mark.slow
 def test_fsdp_version_1_and_owned_fields_are_refused_before_any_process_group(tmp_path):
     """An FSDP launch YAML asking for FSDP1, or for activation checkpointing the job config owns, fails with a
     message naming the field, exit status 2, nothing written."""

@@ -31,18 +31,23 @@ def test_scheduler_state_round_trip_continues_exactly():
     sched = build_scheduler(opt, total_samples=6_400, warmup_samples=640, global_batch_size=64)
     lrs = []
     for _ in range(30):
-        opt.step(); sched.step(); lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
     opt2 = make()
     sched2 = build_scheduler(opt2, total_samples=6_400, warmup_samples=640, global_batch_size=64)
     state = None
     for _ in range(12):
-        opt2.step(); sched2.step()
+        opt2.step()
+        sched2.step()
     state = sched2.state_dict()
     opt3 = make()
     sched3 = build_scheduler(opt3, total_samples=6_400, warmup_samples=640, global_batch_size=64)
     sched3.load_state_dict(state)
     resumed = []
     for _ in range(18):
-        opt3.step(); sched3.step(); resumed.append(opt3.param_groups[0]["lr"])
+        opt3.step()
+        sched3.step()
+        resumed.append(opt3.param_groups[0]["lr"])
     assert resumed == lrs[12:]
     assert not math.isclose(lrs[0], lrs[-1])

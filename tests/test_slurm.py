@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from harness.checkpoint import complete_checkpoints
 from harness.launch import free_port
 from tests.conftest import REPO, read_jsonl
@@ -26,11 +28,13 @@ def _dry_run(script: str, env: dict, *args: str) -> list:
 
 def test_train_dry_run_prints_one_launch_per_node():
     lines = _dry_run("train.sbatch", {"NNODES": "3", "GPUS_PER_NODE": "4", "HOSTS": "gpu07 gpu08 gpu11",
-                                      "LAUNCH_CONFIG": "ds_configs/zero3.yaml"}, "--config", "clip", "--run-name", "b32 run")
+                                      "LAUNCH_CONFIG": "ds_configs/zero3.yaml"},
+                     "--config", "clip", "--run-name", "b32 run")
     assert len(lines) == 3
     for node, line in enumerate(lines):
         cmd = shlex.split(line.split(":", 1)[1])
-        opt = lambda flag: cmd[cmd.index(flag) + 1]
+        def opt(flag, cmd=cmd):
+            return cmd[cmd.index(flag) + 1]
         assert cmd[:2] == ["accelerate", "launch"] and opt("--config_file") == "ds_configs/zero3.yaml"
         assert (opt("--num_machines"), opt("--machine_rank"), opt("--num_processes")) == ("3", str(node), "12")
         assert opt("--main_process_ip") == "gpu07"  # rendezvous on the first node
@@ -59,6 +63,7 @@ def _stubs(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_batch_script_checkpoints_requeues_and_resumes(tmp_path):
     stubs = _stubs(tmp_path / "bin")
     env = {**os.environ, "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -114,7 +119,8 @@ def test_fit_probe_dry_run_shards_single_node_cells_and_merges():
 
 def test_fit_probe_shards_and_selects_cells(tmp_path):
     """The flags the Slurm phases use: --select keeps single- or multi-node cells, --shard I/K every K-th."""
-    from harness.fitprobe import parse_args, validate_args
+    from harness.fitcells import validate_args
+    from harness.fitprobe import parse_args
 
     base = ["--models", "ViT-micro-8", "--stages", "ddp,fsdp,3", "--nodes", "1,2", "--budget-gib", "0.25",
             "--out", str(tmp_path)]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from harness.checkpoint import FAULT_ENV, complete_checkpoints, load_model_state
 from tests.conftest import accelerate_launch, read_jsonl, train_py, write_shards
+
+pytestmark = pytest.mark.slow  # every test here runs the real trainer as processes
 
 SUMMARY_KEYS = {"model", "world_size", "micro_batch_size", "global_batch_size", "steps", "samples_seen",
                 "final_loss", "zeroshot_top1", "zeroshot_top5", "avg_step_time_s", "samples_per_s", "peak_mem_gib"}

@@ -1,0 +1,180 @@
+"""DeepSpeed engine: ``deepspeed.initialize`` around the model, our AdamW and our sample-keyed LR schedule.
+
+Under ``accelerate launch --config_file ds_configs/zero*.yaml`` Accelerate exports ``ACCELERATE_USE_DEEPSPEED``
+and the DeepSpeed JSON path; the DeepSpeed config is that JSON with micro batch, accumulation, global batch,
+clipping and precision filled in from the job config (so YAML, JSON and CLI never disagree). We do not go
+through ``Accelerator.prepare``: on CPU Accelerate reports one process while ``torch.distributed`` has several
+(``../shared/design/environment.md``), which breaks its rank-dependent helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from harness.config import BatchLayout, JobConfig
+from harness.distributed import LaunchInfo
+from harness.engines.common import build_optimizer, make_grad_scaler, num_parameters
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_precision(cfg: JobConfig, zero_stage: int, base: Dict[str, Any]) -> Dict[str, Any]:
+    """``train.precision`` as DeepSpeed config sections (``bf16``, ``fp16``, ``torch_autocast``).
+
+    * ``fp32``: all off.
+    * ``bf16``: ``torch_autocast`` (bfloat16). The module keeps fp32 parameters (so CLIP's ``logit_scale``
+      is fp32 in the forward), matmuls/convolutions run in bf16 and their gradients are reduced in bf16.
+      DeepSpeed's native ``bf16`` mode would instead cast every parameter, ``logit_scale`` included, to a
+      bf16 working copy.
+    * ``fp16`` with ZeRO 1-3: DeepSpeed's native fp16 with dynamic loss scaling (``initial_scale_power`` =
+      log2 ``train.loss_scale_init``, ``loss_scale_window`` = ``train.loss_scale_window``, ``hysteresis`` 1:
+      every overflow halves the scale); overflowing steps are skipped and counted (``skipped_steps``). The
+      module holds an fp16 working copy of every parameter (fp32 master weights in the optimizer); the
+      loss is computed in fp32.
+    * ``fp16`` with ZeRO-0: ``torch_autocast`` (float16) with DeepSpeed's ``GradScaler`` (DeepSpeed's native
+      fp16 at stage 0 with a client optimizer does not scale the loss in ``backward`` but unscales in
+      ``step``: checked with DeepSpeed 0.19.8).
+
+    Explicit values in ``base`` for the loss-scale keys are kept; ``"auto"`` ones are filled.
+    """
+    precision = cfg.train.precision
+    out: Dict[str, Any] = {"bf16": {"enabled": False}, "fp16": {"enabled": False},
+                           "torch_autocast": {"enabled": False}}
+    if precision == "bf16" or (precision == "fp16" and zero_stage == 0):
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    elif precision == "fp16":
+        fp16 = {k: v for k, v in base.get("fp16", {}).items() if v != "auto"}
+        out["fp16"] = {"initial_scale_power": int(math.log2(cfg.train.loss_scale_init)),
+                       "loss_scale_window": cfg.train.loss_scale_window, "hysteresis": 1, "min_loss_scale": 1,
+                       **fp16, "enabled": True}
+    return out
+
+
+def uses_cpu_offload(ds_config: Dict[str, Any]) -> bool:
+    """True when the DeepSpeed config offloads the optimizer (``offload_optimizer.device`` cpu or nvme)."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def deepspeed_config(base: Dict[str, Any], cfg: JobConfig, layout: BatchLayout) -> Dict[str, Any]:
+    """The DeepSpeed config: ``base`` (the launch JSON) with the job's batch, clipping and precision
+    (:func:`deepspeed_precision`).
+
+    Values in ``base`` for batch and clipping are replaced (``"auto"`` or not); a differing explicit
+    value is logged so the user sees which one wins (the job config).
+    """
+    out = json.loads(json.dumps(base))
+    job = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum_steps,
+        "train_batch_size": layout.global_batch_size,
+        "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
+    }
+    for key, value in job.items():
+        if key in out and out[key] not in ("auto", value):
+            log.warning("deepspeed config: %s=%r replaced by the job config's %r", key, out[key], value)
+        out[key] = value
+    out.update(deepspeed_precision(cfg, out.get("zero_optimization", {}).get("stage", 0), out))
+    out["zero_allow_untested_optimizer"] = True  # our client AdamW (torch.optim) under ZeRO
+    out.setdefault("steps_per_print", 10**9)
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` around the model, our AdamW and our sample-keyed LR schedule.
+
+    DeepSpeed performs accumulation (``gradient_accumulation_steps``), clipping, loss scaling and
+    the ZeRO partitioning given by the launch JSON's ``zero_optimization``.
+    """
+
+    kind = "deepspeed"
+    precision_note = "(DeepSpeed native)"
+
+    def __init__(self, model: nn.Module, cfg: JobConfig, layout: BatchLayout, scheduler_fn, device: torch.device,
+                 launch: LaunchInfo):
+        import deepspeed
+
+        base: Dict[str, Any] = {"zero_optimization": {"stage": launch.zero_stage or 0}}
+        if launch.deepspeed_config_path:
+            base = json.loads(Path(launch.deepspeed_config_path).read_text())
+        self.ds_config = deepspeed_config(base, cfg, layout)
+        self.device = device
+        optimizer = build_optimizer(model, cfg, cpu_offload=uses_cpu_offload(self.ds_config))
+        scheduler = scheduler_fn(optimizer)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.module = self.engine.module
+        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        # native fp16 keeps half-precision weights, so inputs must be cast; torch_autocast keeps fp32 weights
+        self.input_dtype = torch.float16 if self.ds_config["fp16"]["enabled"] else None
+        self.grad_scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if self.grad_scaler is not None:  # DeepSpeed builds it with torch's defaults: use the job's loss scale
+            self.grad_scaler = self.engine.torch_autocast_z0_gradscaler = make_grad_scaler(cfg, device.type)
+        self.scaler_skips = 0
+        self.grad_norm: Optional[float] = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for overflowing fp16 gradients (DeepSpeed's count, or the ZeRO-0 scaler's)."""
+        return int(getattr(self.engine, "skipped_steps", 0)) + self.scaler_skips
+
+    def loss_scale(self) -> Optional[float]:
+        """The current fp16 loss scale, or None without loss scaling."""
+        if self.grad_scaler is not None:
+            return float(self.grad_scaler.get_scale())
+        if self.ds_config["fp16"]["enabled"]:
+            return float(self.engine.optimizer.loss_scale)
+        return None
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.input_dtype is not None:
+            image = image.to(self.input_dtype)
+        return self.engine(image, text)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None and boundary else None
+        self.engine.step()
+        if scale is not None:
+            self.scaler_skips += int(self.grad_scaler.get_scale() < scale)
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else None
+        return boundary
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def num_parameters(self) -> int:
+        return num_parameters(self.module)
+
+    def full_parameters(self):
+        """Context in which every rank holds the full parameters (ZeRO-3 gathers them; a no-op below
+        stage 3). For calls that bypass the root module's forward, e.g. ``encode_text`` in zero-shot
+        eval, which reads root-level parameters such as ``positional_embedding``."""
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def save(self, directory: Path, rank: int) -> None:
+        """All ranks write their ZeRO partitions under ``directory/deepspeed`` (collective)."""
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"checkpoint.resume: DeepSpeed found no checkpoint in {directory}")

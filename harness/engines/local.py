@@ -1,0 +1,122 @@
+"""Plain PyTorch engine: one process, or DDP over the default process group."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from harness.config import BatchLayout, JobConfig
+from harness.engines.common import build_optimizer, make_grad_scaler, num_parameters
+from harness.hardware import autocast_dtype
+
+
+class LocalEngine:
+    """Plain PyTorch: single process, or DDP (the model arrives wrapped by
+    :func:`harness.parallelize.parallelize_clip`).
+
+    Gradient accumulation skips DDP's all-reduce (``no_sync``) on non-boundary micro batches;
+    ``bf16``/``fp16`` run the forward under autocast (fp32 master weights; open_clip's ``logit_scale``
+    stays an fp32 parameter and the loss is computed in fp32); ``fp16`` adds a dynamic loss scale
+    (``GradScaler`` with ``train.loss_scale_init`` and growth every ``train.loss_scale_window`` overflow-free
+    steps): a step whose gradients overflow is skipped, the scale halves, and the step is counted in
+    ``skipped_steps``. Clipping is by global L2 norm (``torch.nn.utils.clip_grad_norm_``).
+    """
+
+    kind = "local"
+    precision_note = "(autocast)"
+    zero_stage = None
+
+    def __init__(self, model: nn.Module, cfg: JobConfig, layout: BatchLayout, scheduler_fn, device: torch.device):
+        self.device = device
+        self.model = model
+        self.module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.scheduler = scheduler_fn(self.optimizer)
+        self.accum = layout.grad_accum_steps
+        self.clip = cfg.optim.grad_clip_norm
+        self.dtype = autocast_dtype(cfg.train.precision)
+        self.scaler = self._make_scaler(cfg) if cfg.train.precision == "fp16" else None
+        self.micro = 0
+        self.grad_norm: Optional[float] = None
+        self.skipped_steps = 0
+
+    def _make_scaler(self, cfg: JobConfig):
+        return make_grad_scaler(cfg, self.device.type)
+
+    def _sync_context(self, sync: bool):
+        """Context for a micro batch's forward: its backward all-reduces gradients only when ``sync``."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not sync:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Forward ``image [B, 3, H, W]``, ``text [B, L]`` -> open_clip output dict."""
+        amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        with self._sync_context(self.micro + 1 == self.accum), amp:  # DDP decides on the sync in forward
+            return self.model(image, text)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> bool:
+        """Count a micro batch; at the accumulation boundary clip, step optimizer and LR. Returns True then."""
+        self.micro += 1
+        if self.micro < self.accum:
+            return False
+        self.micro = 0
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip is not None:
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def loss_scale(self) -> Optional[float]:
+        """The current fp16 loss scale, or None without loss scaling."""
+        return float(self.scaler.get_scale()) if self.scaler else None
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def num_parameters(self) -> int:
+        return num_parameters(self.module)
+
+    def full_parameters(self):
+        """No sharding here: a no-op context (see :meth:`DeepSpeedEngine.full_parameters`)."""
+        return contextlib.nullcontext()
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Rank 0 writes ``model.pt``, ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt``) into ``directory``."""
+        if rank == 0:
+            torch.save(self.module.state_dict(), directory / "model.pt")
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        self._save_small_states(directory, rank)
+
+    def load(self, directory: Path) -> None:
+        self.module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
+        self._load_small_states(directory)
+
+    def _save_small_states(self, directory: Path, rank: int) -> None:
+        if rank != 0:
+            return
+        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        if self.scaler:
+            torch.save(self.scaler.state_dict(), directory / "scaler.pt")
+
+    def _load_small_states(self, directory: Path) -> None:
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
+        if self.scaler and (directory / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(directory / "scaler.pt"))

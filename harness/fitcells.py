@@ -1,0 +1,221 @@
+"""Fit-probe cells and input: what a cell is, the probe's options, this machine's device and environment
+fingerprint, and the checks that refuse bad input before any probe runs (see :mod:`harness.fitprobe`)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness.config import PRECISIONS
+from harness.hardware import host_memory_gib
+from harness.memmodel import STAGES, MemoryModel, Setup
+
+FAILURES = ("oom", "hang")  # outcomes that bound the search from above
+TERMINAL = ("error", "unsupported")  # outcomes that end a cell: not a memory boundary
+
+
+class ProbeInputError(ValueError):
+    """Bad fit-probe input; the message names the flag and the allowed values."""
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """The fit probe's options, as parsed from the command line (frozen: a step that needs a changed value makes
+    a copy with :func:`dataclasses.replace`). Flag names with ``-`` become ``_``; see ``harness fit-probe --help``.
+
+    Attributes beyond the flags:
+        command: the command line that made these options (kept in the store and the table).
+        probe_env: environment variables for every probe process (CPU mode: no GPU, the thread count).
+        rerendered_with: the ``--report`` command that re-rendered a store, named in the table.
+    """
+
+    out: str
+    models: Optional[str] = None
+    stages: str = "2"
+    precisions: str = "bf16"
+    checkpointing: str = "0"
+    attention: str = "sdpa"
+    gpus_per_node: str = "1"
+    nodes: str = "1"
+    budget_gib: Optional[float] = None
+    granularity: int = 8
+    max_batch: int = 1 << 16
+    steps: int = 3
+    timeout: float = 900
+    cpu_processes: int = 2
+    launcher: str = "local"
+    max_nodes: Optional[int] = None
+    cluster: str = ""
+    partition: str = ""
+    select: str = "all"
+    shard: Optional[str] = None
+    merge: Optional[List[str]] = None
+    report: bool = False
+    command: str = ""
+    probe_env: Dict[str, str] = field(default_factory=dict)
+    rerendered_with: Optional[str] = None
+
+    def replace(self, **changes) -> "ProbeOptions":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the memory-fit table."""
+
+    model: str
+    stage: str
+    precision: str
+    checkpointing: int
+    attention: str
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def key(self) -> str:
+        return (f"{self.model}|stage={self.stage}|{self.precision}|ckpt={self.checkpointing}|{self.attention}|"
+                f"{self.nodes}x{self.gpus_per_node}")
+
+    @property
+    def family(self) -> tuple:
+        """Cells sharing the model's memory behaviour: the memory model's calibration family."""
+        return MemoryModel.family(self.model, self.setup())
+
+    def setup(self) -> Setup:
+        return Setup(self.stage, self.precision, self.checkpointing, self.attention, self.world)
+
+    @classmethod
+    def from_record(cls, rec: Dict[str, Any]) -> "Cell":
+        """The cell of a ``cells.jsonl`` record."""
+        return cls(rec["model"], rec["stage"], rec["precision"], rec["checkpointing"], rec["attention"],
+                   rec["nodes"], rec["gpus_per_node"])
+
+
+# --------------------------------------------------------------------------- devices and environment
+
+def local_device() -> Dict[str, Any]:
+    """This machine's accelerator, read without creating a CUDA context in this (parent) process:
+    ``nvidia-smi`` for GPUs, else the CPU and its memory."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            gpus = [ln.split(",") for ln in out.strip().splitlines() if ln.strip()]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible:
+                gpus = [gpus[int(i)] for i in visible.split(",") if i.strip().isdigit() and int(i) < len(gpus)]
+            if gpus:
+                return {"type": "cuda", "name": gpus[0][0].strip(), "memory_gib": float(gpus[0][1]) / 1024,
+                        "count": len(gpus)}
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    return {"type": "cpu", "name": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+            "memory_gib": host_memory_gib(), "count": 0}
+
+
+def environment(device: Dict[str, Any], budget_gib: Optional[float], steps: int) -> Dict[str, Any]:
+    """The fingerprint stored with every record: results from another device, budget, probe length or
+    library versions are not reused."""
+    versions = {}
+    for pkg in ("torch", "deepspeed", "accelerate", "open_clip_torch", "timm"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"device": device["name"], "device_memory_gib": round(device["memory_gib"], 2), "budget_gib": budget_gib,
+            "probe_steps": steps, **versions}
+
+
+# --------------------------------------------------------------------------- input
+
+def _int_list(flag: str, text: str, minimum: int) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ProbeInputError(f"{flag}: expected comma-separated integers >= {minimum}, got {text!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise ProbeInputError(f"{flag}: expected comma-separated integers >= {minimum}, got {text!r}")
+    return values
+
+
+def _choices(flag: str, text: str, allowed) -> List[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise ProbeInputError(f"{flag}: {', '.join(map(repr, bad)) or 'nothing given'} not allowed; allowed: "
+                              f"{', '.join(allowed)}")
+    return values
+
+
+def build_cells(args: ProbeOptions) -> List[Cell]:
+    """Expand the flags into cells (in the order given).
+
+    Raises:
+        ProbeInputError: an unknown model, stage, precision or attention backend, a GPU or node count that
+            is not a positive integer, a negative checkpointing interval.
+    """
+    import models
+    from models.attention import ATTENTION_BACKENDS
+
+    names = _choices("--models", args.models, models.list_models())
+    stages = _choices("--stages", args.stages, list(STAGES))
+    precisions = _choices("--precisions", args.precisions, PRECISIONS)
+    checkpointing = _int_list("--checkpointing", args.checkpointing, 0)
+    attention = _choices("--attention", args.attention, ATTENTION_BACKENDS)
+    gpus = _int_list("--gpus-per-node", args.gpus_per_node, 1)
+    nodes = _int_list("--nodes", args.nodes, 1)
+    return [Cell(m, st, p, c, a, n, g) for m in names for st in stages for p in precisions for c in checkpointing
+            for a in attention for n in nodes for g in gpus]
+
+
+def check_budget(budget_gib: Optional[float], device: Dict[str, Any]) -> None:
+    """Raises ProbeInputError: no budget in CPU mode, or a budget above the device's memory."""
+    if budget_gib is None:
+        if device["type"] == "cpu":
+            raise ProbeInputError("--budget-gib: required without a GPU (each probe process's memory, in GiB)")
+        return
+    if not budget_gib > 0:
+        raise ProbeInputError(f"--budget-gib: must be > 0, got {budget_gib}")
+    if budget_gib > device["memory_gib"]:
+        raise ProbeInputError(f"--budget-gib: {budget_gib:g} GiB is more than the {device['name']}'s "
+                              f"{device['memory_gib']:.1f} GiB")
+
+
+def validate_args(args: ProbeOptions) -> Tuple[List[Cell], Dict[str, Any]]:
+    """Everything checked before any probe runs. Raises ProbeInputError."""
+    if not args.models:
+        raise ProbeInputError("--models: required (comma-separated registered models)")
+    cells = build_cells(args)
+    if args.select != "all":
+        cells = [c for c in cells if (c.nodes == 1) == (args.select == "single-node")]
+    device = local_device()
+    check_budget(args.budget_gib, device)
+    if args.granularity < 1:
+        raise ProbeInputError(f"--granularity: must be a positive integer, got {args.granularity}")
+    if args.max_batch < args.granularity:
+        raise ProbeInputError(f"--max-batch: must be >= --granularity ({args.granularity}), got {args.max_batch}")
+    if args.steps < 2:
+        raise ProbeInputError(f"--steps: must be >= 2 (AdamW allocates its state at the first step), got {args.steps}")
+    if args.cpu_processes < 1:
+        raise ProbeInputError(f"--cpu-processes: must be a positive integer, got {args.cpu_processes}")
+    if args.max_nodes is not None and args.max_nodes < 1:
+        raise ProbeInputError(f"--max-nodes: must be a positive integer, got {args.max_nodes}")
+    if args.shard:
+        bad = ProbeInputError(f"--shard: expected I/K with 0 <= I < K, got {args.shard!r}")
+        try:
+            i, k = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            raise bad from None
+        if not 0 <= i < k:
+            raise bad
+        cells = cells[i::k]
+    return cells, device

@@ -1,0 +1,96 @@
+"""What this machine can run, checked before any process group exists: attention kernels, precisions and
+memory budgets against the device. Config sections check their own values (:mod:`harness.config`); these
+checks need the machine.
+
+Two moments: :func:`check_machine` before a rank has chosen its device (no CUDA context is created), and
+:func:`check_device_support` once it has (the attention kernel is tried on the device in the run's dtype).
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.config import GIB, ConfigError, JobConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.distributed import LaunchInfo
+
+
+def host_memory_gib() -> float:
+    """Physical memory of this machine in GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def device_memory_gib(device: torch.device) -> float:
+    """Total memory of ``device`` in GiB (a GPU's, or this machine's for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    return host_memory_gib()
+
+
+def autocast_dtype(precision: str):
+    """``torch.bfloat16`` / ``torch.float16`` for ``bf16`` / ``fp16``, None for ``fp32``."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def check_machine(cfg: JobConfig) -> None:
+    """Check the attention backend and the memory budget against this machine without touching a GPU (no CUDA
+    context is created: ranks have not picked their device yet).
+
+    Raises:
+        ConfigError: a value this machine cannot run (named, with what it can run instead).
+    """
+    from models.attention import available_backends, flash_attn_available
+
+    m, t = cfg.model, cfg.train
+    cuda = torch.cuda.is_available()
+    if not cuda and m.attention in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
+        cpu = available_backends(torch.device("cpu"), torch.float32)  # tried on tiny CPU tensors
+        raise ConfigError(f"model.attention: {m.attention!r} needs a CUDA GPU; available on this CPU machine: "
+                          f"{', '.join(cpu)}")
+    if m.attention == "flash_attn":
+        if not flash_attn_available():
+            raise ConfigError("model.attention: 'flash_attn' needs the flash-attn package (pip install "
+                              "'.[flash]' on a CUDA machine); available without it: sdpa, sdpa_flash, "
+                              "sdpa_efficient, sdpa_cudnn, math")
+        if t.precision == "fp32":
+            raise ConfigError("model.attention: 'flash_attn' runs in bf16/fp16 only; set train.precision to bf16 "
+                              "or fp16, or use sdpa / math with fp32")
+    if t.memory_budget_gib is not None and not cuda and t.memory_budget_gib > host_memory_gib():
+        raise ConfigError(f"train.memory_budget_gib: {t.memory_budget_gib:g} GiB is more than this machine's "
+                          f"{host_memory_gib():.1f} GiB of memory")
+
+
+def check_device_support(cfg: JobConfig, device: torch.device, launch: "LaunchInfo") -> None:
+    """Check what needs the device itself, after it is chosen and before any process group exists:
+    bf16 support (e.g. not on V100), fp16 under DeepSpeed on a CPU, the attention kernel (tried on a
+    tiny input in the run's compute dtype, :func:`models.attention.check_backend`), and a memory budget
+    against the GPU's memory (then applied as the caching allocator's per-process memory fraction).
+
+    Raises:
+        ConfigError: names the field, the reason and what this device can do instead.
+    """
+    from models.attention import AttentionBackendError, check_backend
+
+    precision = cfg.train.precision
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)} "
+                          f"(compute capability {major}.{minor} < 8.0); use fp16 (dynamic loss scaling) or fp32")
+    if precision == "fp16" and device.type == "cpu" and launch.deepspeed:
+        raise ConfigError("train.precision: DeepSpeed's fp16 mode needs a GPU (its CPU accelerator has no fp16); "
+                          "on a CPU use fp16 without DeepSpeed (plain or FSDP launch: torch.autocast + "
+                          "GradScaler), or bf16 / fp32")
+    try:
+        check_backend(cfg.model.attention, device, autocast_dtype(precision) or torch.float32)
+    except AttentionBackendError as e:
+        raise ConfigError(str(e)) from None
+    budget = cfg.train.memory_budget_gib
+    if budget is not None and device.type == "cuda":
+        total = device_memory_gib(device)
+        if budget > total:
+            raise ConfigError(f"train.memory_budget_gib: {budget:g} GiB is more than the "
+                              f"{torch.cuda.get_device_name(device)}'s {total:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(budget / total, device)

@@ -1,0 +1,304 @@
+"""The training loop as a :class:`Trainer` whose ``train()`` reads like torchtitan's: load or initialise, then per
+optimizer step ``train_step()``, ``log()``, ``maybe_eval()``, ``maybe_save()``, and the summary at the end.
+
+The loop's state is a small :class:`TrainState` (open_clip's ``TrainState`` idea); metrics
+(:class:`harness.metrics.MetricLogger`, :class:`harness.metrics.ProgressBar`), checkpoints
+(:class:`harness.checkpoint.CheckpointManager`), timing (:class:`harness.metrics.StepTimer`) and the profiler
+(:class:`harness.metrics.StepProfiler`) are components with small interfaces. The model reports its own
+extra losses and metrics (an image tower's ``extra_losses()``, ``last_stats`` and ``progress_metrics``, e.g.
+DTP-ViT's boundary loss and shortening factor): the loop knows no model by name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+import models
+from harness import checkpoint as ckpt_mod
+from harness.config import GIB, BatchLayout, JobConfig, to_dict
+from harness.data import DataTracker, build_train_loader
+from harness.distributed import LaunchInfo, all_reduce_floats, barrier
+from harness.engines import build_engine
+from harness.engines.common import local_parameter_elements
+from harness.hardware import autocast_dtype, device_memory_gib
+from harness.metrics import MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
+from harness.parallelize import parallelize_clip
+from harness.schedule import build_scheduler
+from harness.zeroshot import zeroshot_eval
+
+log = logging.getLogger("harness")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a run is decided on before the trainer exists: the config, the batch layout, the launch,
+    this rank's device and place in the world, the schedule's length, the checkpoint to resume, and the CPU
+    memory tracker (None on a GPU)."""
+
+    cfg: JobConfig
+    layout: BatchLayout
+    launch: LaunchInfo
+    device: torch.device
+    rank: int
+    world: int
+    total_samples: int
+    resume_from: Optional[Path] = None
+    mem: Any = None
+
+
+@dataclass
+class TrainState:
+    """What changes as the loop runs."""
+
+    step: int = 0
+    start_step: int = 0
+    last_loss: float = float("nan")
+    evals: Dict[str, float] = field(default_factory=dict)
+    stop_requested: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def clip_loss_fn(rank: int, world: int):
+    """open_clip's ``ClipLoss`` with a local loss and gather-with-grad: each rank holds ``[B_local, B_global]``
+    logits instead of ``[B_global, B_global]`` (open_clip ``--local-loss --gather-with-grad``)."""
+    from open_clip import ClipLoss
+
+    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
+
+
+class Trainer:
+    """One training run of ``ctx.cfg`` on this rank: model, engine, data, loss and the loop's components."""
+
+    def __init__(self, ctx: RunContext):
+        cfg, layout = ctx.cfg, ctx.layout
+        self.ctx, self.cfg, self.layout, self.device, self.rank, self.world = (
+            ctx, cfg, layout, ctx.device, ctx.rank, ctx.world)
+        self.total_steps = math.ceil(ctx.total_samples / layout.global_batch_size)
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        seed_everything(cfg.train.seed)  # same init on every rank
+        model = models.create_model(cfg.model.name, attention=cfg.model.attention)
+        dtype = autocast_dtype(cfg.train.precision)
+        data_parallel = "fsdp" if ctx.launch.fsdp else ("ddp" if ctx.world > 1 and not ctx.launch.deepspeed else "none")
+        model, self.applied = parallelize_clip(
+            model, device=self.device, grad_checkpointing=cfg.model.grad_checkpointing,
+            compile_blocks=cfg.model.compile, data_parallel=data_parallel, param_dtype=dtype,
+            reshard_after_forward=ctx.launch.fsdp_reshard_after_forward)
+        schedule = lambda opt: build_scheduler(opt, ctx.total_samples, cfg.optim.warmup_samples,
+                                               layout.global_batch_size, cfg.optim.min_lr_ratio)
+        self.engine = build_engine(model, cfg, layout, schedule, self.device, ctx.launch)
+        self.state = TrainState()
+        self.checkpoints = ckpt_mod.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, self.rank)
+        self.data = DataTracker()
+        self.timer = StepTimer(cfg.train.timing_warmup_steps)
+        self.profiler = StepProfiler(cfg.train.profile_step, cfg.run_dir, self.rank, self.device)
+        self.loss_fn = clip_loss_fn(self.rank, self.world)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> Optional[Dict[str, Any]]:
+        """Train to ``train.max_steps`` or the end of the schedule, evaluate, and return the summary (rank 0;
+        None elsewhere)."""
+        self.load_or_init()
+        while self.state.step < self.stop_step:
+            with self.profiler.maybe(self.state.step + 1):
+                self.train_step()
+            self.log()
+            self.progress.update()
+            self.maybe_eval()
+            self.maybe_save()
+            if self.state.stop_requested:
+                log.info("stop file %s found: checkpointing at step %d and stopping", self.cfg.checkpoint.stop_file,
+                         self.state.step)
+                break
+        self.progress.close()
+        self.maybe_save(final=True)
+        self.maybe_eval(final=True)
+        summary = self.summary()
+        self.metrics.close()
+        barrier()
+        return summary
+
+    def load_or_init(self) -> None:
+        """Resume model, optimizer, schedule, RNG and data position from ``ctx.resume_from``, or seed this rank's
+        runtime randomness; then build the data loader, the metric log and the progress bar."""
+        ctx, cfg = self.ctx, self.cfg
+        if ctx.resume_from is not None:
+            self.state.step, rank_state = self.checkpoints.restore(self.engine, ctx.resume_from)
+            self.data = DataTracker(rank_state["data"])
+            log.info("resumed from %s at step %d (lr %.6g)", ctx.resume_from, self.state.step, self.engine.lr())
+        else:
+            seed_everything(cfg.train.seed + self.rank)  # per-rank stream of any runtime randomness
+        self.state.start_step = self.state.step
+        self.loader = iter(build_train_loader(cfg.data, cfg.model.name, self.layout.micro_batch_size, cfg.train.seed,
+                                              self.rank, self.world, self.data.state_dict()))
+        self.metrics = MetricLogger(cfg.run_dir / "metrics.jsonl", self.rank, self.world, self.device)
+        self.progress = ProgressBar(self.stop_step, self.state.step, self.rank == 0 and cfg.train.progress_bar,
+                                    getattr(self.engine.module.visual, "progress_metrics", {}))
+        applied = self.applied
+        log.info("model %s (%.2fM params) | engine %s | world %d | micro %d x accum %d -> global %d | steps %d of %d "
+                 "(%d samples) | device %s | %s %s | attention %s | checkpointed blocks %s | compiled blocks %d",
+                 cfg.model.name, self.engine.num_parameters() / 1e6, self.engine.kind, self.world,
+                 self.layout.micro_batch_size, self.layout.grad_accum_steps, self.layout.global_batch_size,
+                 self.stop_step, self.total_steps, ctx.total_samples, self.device, cfg.train.precision,
+                 self.engine.precision_note, cfg.model.attention, applied["checkpointed_blocks"],
+                 applied["compiled_blocks"])
+
+    def train_step(self) -> None:
+        """One optimizer step: forward and backward of micro batches until the engine steps."""
+        t0 = time.perf_counter()
+        wait = 0.0
+        stepped = False
+        while not stepped:
+            tw = time.perf_counter()
+            batch = next(self.loader)
+            wait += time.perf_counter() - tw
+            self.data.update(batch)
+            self.metrics.add(self.forward_backward(batch))
+            stepped = self.engine.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest step time: wait for the GPU
+        self.state.step += 1
+        self.timer.add(time.perf_counter() - t0, wait)
+
+    def forward_backward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """One micro batch: forward, contrastive loss (fp32) + the image tower's extra losses, backward.
+
+        Features and ``logit_scale`` are cast to fp32 before the loss, and the scale is clamped at 100
+        (CLIP's bound on the inverse temperature, applied in the loss so it holds under any sharding).
+        An image tower with ``extra_losses()`` (DTP-ViT's weighted boundary loss) adds them to the loss;
+        one with ``last_stats`` (DTP-ViT's shortening factor, boundary rate, segment counts) has them reported.
+
+        Returns:
+            Detached fp32 scalars: ``loss`` (contrastive), each extra loss, and the tower's stats.
+        """
+        device = self.device
+        out = self.engine.forward(batch["image"].to(device, non_blocking=True),
+                                  batch["text"].to(device, non_blocking=True))
+        scale = out["logit_scale"].float().clamp(max=100.0)
+        loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), scale)
+        visual = self.engine.module.visual
+        extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
+        total = loss + sum(v.float() for v in extras.values()) if extras else loss
+        self.engine.backward(total)
+        report = {"loss": loss.detach(), "logit_scale": scale.detach().reshape(-1)[0]}
+        report.update({k: v.detach().float() for k, v in extras.items()})
+        for k, v in getattr(visual, "last_stats", {}).items():
+            report.setdefault(k, v.float())
+        return report
+
+    def log(self) -> None:
+        """At a log step (every ``train.log_every_steps`` and the last): one all-reduce of the interval's
+        scalars, the bad-sample counters and the stop-file vote (so every rank stops at the same step); a
+        metrics line and the progress bar's postfix."""
+        step, cfg = self.state.step, self.cfg
+        if not (step % cfg.train.log_every_steps == 0 or step == self.stop_step):
+            return
+        counters = self.data.counters()
+        stop_file = cfg.checkpoint.stop_file
+        stop_seen = float(bool(stop_file) and os.path.exists(stop_file))
+        reduced = self.metrics.reduce({**{f"counter.{k}": v for k, v in counters.items()}, "stop_votes": stop_seen})
+        bad = {k: int(reduced.pop(f"counter.{k}")) for k in counters}
+        self.state.stop_requested = reduced.pop("stop_votes") > 0
+        self.state.last_loss = reduced.pop("loss")
+        avg = self.timer.avg_step_time_s() or self.timer.times[-1]
+        record = {"step": step, "samples_seen": step * self.layout.global_batch_size, "loss": self.state.last_loss,
+                  "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm,
+                  "step_time_s": self.timer.times[-1], "data_wait_s": self.timer.data_wait[-1],
+                  "samples_per_s": self.layout.global_batch_size / avg, "epoch": self.data.epoch(),
+                  "skipped_samples": bad, "skipped_optimizer_steps": self.engine.skipped_steps,
+                  "loss_scale": self.engine.loss_scale(), **reduced}
+        self.metrics.write(record)
+        self.progress.show(record)
+
+    def maybe_eval(self, final: bool = False) -> None:
+        """Zero-shot evaluation every ``eval.every_steps`` (not at the last step) and at the end of a run that
+        was not stopped by the stop file."""
+        cfg, step = self.cfg, self.state.step
+        if not cfg.eval.zeroshot_data:
+            return
+        if final:
+            if self.state.stop_requested:
+                return
+        elif not (cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.stop_step):
+            return
+        with self.engine.full_parameters():
+            self.state.evals = zeroshot_eval(
+                self.engine.module, models.get_tokenizer(cfg.model.name), cfg.eval.zeroshot_data,
+                models.image_transform(cfg.model.name, is_train=False), cfg.eval.batch_size, self.device,
+                autocast_dtype(cfg.train.precision))
+        self.metrics.write({"step": step, **self.state.evals})
+        e = self.state.evals
+        log.info("step %d zero-shot top-1 %.4f top-5 %.4f on %d images", step, e["zeroshot_top1"],
+                 e["zeroshot_top5"], e["zeroshot_images"])
+
+    def maybe_save(self, final: bool = False) -> None:
+        """A checkpoint every ``checkpoint.every_steps``; at the end (``checkpoint.save_final``, or a stop by the
+        stop file) unless this process took no step or already saved this one."""
+        cfg, step = self.cfg, self.state.step
+        if final:
+            wanted = (cfg.checkpoint.save_final or self.state.stop_requested) and step > self.state.start_step
+            if not wanted or self.checkpoints.last_step == step:
+                return
+        elif not (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            return
+        meta = {"step": step, "samples_seen": step * self.layout.global_batch_size, "world_size": self.world,
+                "global_batch_size": self.layout.global_batch_size, "total_train_samples": self.ctx.total_samples,
+                "engine": self.engine.kind, "config": to_dict(cfg)}
+        rank_state = {"rng": ckpt_mod.rng_state(), "data": self.data.state_dict()}
+        log.info("checkpoint %s", self.checkpoints.save(self.engine, step, meta, rank_state))
+
+    # ------------------------------------------------------------------ the end
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        """Reduce peak memory and bad-sample counts over ranks; rank 0 writes and returns ``summary.json``."""
+        cfg, layout, device, engine, state = self.cfg, self.layout, self.device, self.engine, self.state
+        local_params = local_parameter_elements(engine.module)
+        peak, kind = peak_memory_gib(device, self.ctx.mem)
+        reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else 0.0
+        peak_t, reserved_t = all_reduce_floats([peak, reserved], "max", device)
+        counters = self.data.counters()
+        bad = {k: int(v) for k, v in zip(counters, all_reduce_floats(list(counters.values()), "sum", device))}
+        if self.rank != 0:
+            return None
+        avg = self.timer.avg_step_time_s()
+        summary = {
+            "model": cfg.model.name, "engine": engine.kind, "zero_stage": engine.zero_stage,
+            "precision": cfg.train.precision, "attention": cfg.model.attention,
+            "grad_checkpointing": cfg.model.grad_checkpointing, "compile": cfg.model.compile,
+            "stopped_by_stop_file": state.stop_requested,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": self.world, "micro_batch_size": layout.micro_batch_size,
+            "parameters": engine.num_parameters(), "rank0_local_parameter_elements": local_params,
+            "grad_accum_steps": layout.grad_accum_steps, "global_batch_size": layout.global_batch_size,
+            "contrastive_batch_size": layout.contrastive_batch_size,
+            "steps": state.step, "steps_this_process": state.step - state.start_step, "total_steps": self.total_steps,
+            "samples_seen": state.step * layout.global_batch_size, "total_train_samples": self.ctx.total_samples,
+            "final_loss": state.last_loss,
+            "zeroshot_top1": state.evals.get("zeroshot_top1"), "zeroshot_top5": state.evals.get("zeroshot_top5"),
+            "avg_step_time_s": avg, "timing_warmup_steps_excluded": self.timer.excluded,
+            "samples_per_s": layout.global_batch_size / avg if avg else None,
+            "data_wait_fraction": self.timer.data_wait_fraction(),
+            "peak_mem_gib": peak_t, "peak_mem_kind": kind,
+            "peak_reserved_gib": reserved_t if device.type == "cuda" else None,
+            "device_memory_gib": device_memory_gib(device), "memory_budget_gib": cfg.train.memory_budget_gib,
+            "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps,
+            "run_dir": str(cfg.run_dir),
+        }
+        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("summary: %s", json.dumps(summary))
+        return summary
