@@ -115,13 +115,14 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         # the embedded default dataset is made on first use
         if cfg.data.train_data.rstrip("/") == f"{DIGITS_DIR}/train" or cfg.eval.zeroshot_data == f"{DIGITS_DIR}/val":
             ensure_digits(DIGITS_DIR)
-        import torch
-
+        from harness.hardware import is_out_of_memory
         from harness.train import run
 
         try:
             run(cfg)
-        except torch.OutOfMemoryError as e:
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
             print(f"error: out of memory: {str(e).strip().splitlines()[0]}", file=sys.stderr)
             return OOM_EXIT
     except ConfigError as e:

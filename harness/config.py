@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
-from harness.errors import ConfigError
+from harness.errors import GIB, ConfigError
 from harness.shards import expand_shards
 from models.attention import AttentionBackend
-
-GIB = 2.0 ** 30  # bytes per GiB
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
@@ -92,6 +90,9 @@ class DataConfig:
     """Sample shuffle buffer per data worker (samples); 0 disables sample shuffling."""
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 decodes in the training process."""
+    prefetch_gib: float = 1.0
+    """Decoded batches (uint8 images + tokens) one rank's DataLoader workers may hold ready, in GiB; sets the
+    prefetch factor (1 to 4 batches per worker)."""
 
     def __post_init__(self):
         _check(self, {
@@ -99,6 +100,7 @@ class DataConfig:
                                   "must be a positive integer"),
             "shuffle_buffer": (self.shuffle_buffer >= 0, "must be >= 0"),
             "num_workers": (self.num_workers >= 0, "must be >= 0"),
+            "prefetch_gib": (self.prefetch_gib > 0, "must be > 0"),
         })
 
 
@@ -129,12 +131,24 @@ class TrainConfig:
     DeepSpeed ``loss_scale_window``); an overflowing step is skipped and halves the scale."""
     seed: int = 0
     """Seed for model init, data order and augmentation."""
-    log_every_steps: int = 1
-    """Write a metrics line (loss, LR, timing, DTP boundary stats; one small all-reduce) every this many steps."""
+    log_every_steps: int = 10
+    """Write a metrics line (loss, LR, timing, DTP boundary stats: means over the steps since the last line) every
+    this many steps, and at the first step, the end of the timing warm-up and the last step. Only log steps read
+    device values on the host (one small all-reduce); the steps between let the CPU run ahead of the GPU."""
     timing_warmup_steps: int = 5
     """Steps excluded from ``avg_step_time_s`` and ``samples_per_s`` as warm-up."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0."""
+    tf32: bool = True
+    """CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32``); no effect on a CPU."""
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 with bf16/fp16: the dtype gradients are reduce-scattered in (``MixedPrecisionPolicy.reduce_dtype``);
+    bf16 halves the traffic, fp32 keeps the sum exact to fp32."""
+    count_host_syncs: bool = False
+    """Count host reads of device values (``.item()`` and the like: host-device synchronisations on a GPU) in
+    each optimizer step and its log (data loading excluded), written as ``host_syncs_by_step`` in
+    ``summary.json``; only log steps should have any. A debugging aid: it slows every op a little."""
     track_memory: bool = False
     """CPU: count live tensor bytes (:mod:`harness.memory`) so ``peak_mem_gib`` is the tensor peak, the CPU
     analogue of ``torch.cuda.max_memory_allocated``, rather than process RSS. On by itself with a budget."""
@@ -153,6 +167,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice(self, "precision")
+        check_choice(self, "fsdp_reduce_dtype")
         positive = "must be a positive integer"
         _check(self, {
             "micro_batch_size": (self.micro_batch_size >= 1, positive),
@@ -190,6 +205,10 @@ class OptimConfig:
     """Final LR of the cosine decay as a fraction of ``lr``."""
     grad_clip_norm: Optional[float] = 1.0
     """Clip the global gradient L2 norm to this; ``null`` disables clipping."""
+    fused: bool = True
+    """Fused AdamW (``torch.optim.AdamW(fused=True)``, CUDA and CPU): one kernel per step instead of a loop of
+    small ones, and no host read of the step count (the for-loop and foreach implementations call ``.item()``
+    on every parameter's step counter) nor of the fp16 overflow flag."""
 
     def __post_init__(self):
         _check(self, {

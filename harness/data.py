@@ -28,11 +28,12 @@ import logging
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from harness.errors import GIB
 from harness.shards import IMAGE_EXTS, count_samples, expand_shards, tar_is_complete
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class Sampling:
 class ShardStream(IterableDataset):
     """Endless stream of training batches from webdataset shards, resumable exactly.
 
-    Yields dicts: ``image`` float ``[B, 3, H, W]``, ``text`` int64 ``[B, context_length]``,
+    Yields dicts: ``image`` ``[B, 3, H, W]`` (uint8 with the trainer's ``uint8`` transform; what ``transform``
+    returns), ``text`` int64 ``[B, context_length]``,
     ``role`` (local role index), ``state`` (that role's position after this batch: ``epoch``,
     ``offset`` = raw samples consumed in the epoch, and cumulative counters ``read_errors``, ``truncated_shards``,
     ``corrupt``, ``incomplete``).
@@ -91,7 +93,7 @@ class ShardStream(IterableDataset):
     Args:
         shards: shard paths (:func:`expand_shards`).
         batch_size: micro batch (samples per yielded batch).
-        transform: PIL image -> ``[3, H, W]`` tensor.
+        transform: PIL image -> ``[3, H, W]`` tensor (the trainer passes ``models.image_transform(..., uint8=True)``).
         tokenizer: list of ``B`` captions -> ``[B, context_length]``.
         roles: data-parallel position of this process and its DataLoader workers (:class:`Roles`).
         sampling: seed, resampling and shuffle buffer (:class:`Sampling`).
@@ -218,38 +220,6 @@ class ShardStream(IterableDataset):
             state = {**state, "epoch": epoch + 1, "offset": 0}
 
 
-class SyntheticStream(IterableDataset):
-    """Endless random batches of exact shapes, for probes and benchmarks (no decoding cost).
-
-    Yields dicts like :class:`ShardStream`: ``image`` ``[B, 3, H, W]`` standard-normal floats,
-    ``text`` ``[B, context_length]`` random token ids in ``[1, vocab_size)``, ``role`` 0, ``state``
-    with ``offset`` = batches produced. Sample ``j`` of global batch ``i`` is seeded by ``(seed, i, j)``
-    and rank ``r`` yields rows ``r * B .. (r + 1) * B - 1``, so any world size sees the same global
-    batches (what equivalence checks between 1 and N processes need).
-    """
-
-    def __init__(self, batch_size: int, image_size: int, context_length: int, vocab_size: int, seed: int,
-                 rank: int, resume: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        self.batch_size, self.image_size = batch_size, image_size
-        self.context_length, self.vocab_size = context_length, vocab_size
-        self.seed, self.rank = seed, rank
-        self.start = int((resume or {}).get("batches", 0))
-
-    def _sample(self, i: int, j: int):
-        g = torch.Generator().manual_seed(_seed(self.seed, "synthetic", i, j))
-        return (torch.randn(3, self.image_size, self.image_size, generator=g),
-                torch.randint(1, self.vocab_size, (self.context_length,), generator=g))
-
-    def __iter__(self):
-        i = self.start
-        while True:
-            rows = [self._sample(i, self.rank * self.batch_size + k) for k in range(self.batch_size)]
-            i += 1
-            yield {"image": torch.stack([r[0] for r in rows]), "text": torch.stack([r[1] for r in rows]),
-                   "role": 0, "state": {**_initial_state(), "offset": i}}
-
-
 class DataTracker:
     """Trainer-side record of data positions and bad-sample counters of consumed batches.
 
@@ -284,33 +254,47 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def build_train_loader(data_cfg, model_name: str, micro_batch_size: int, seed: int, rank: int, world_size: int,
-                       resume: Optional[Dict[str, Any]] = None) -> DataLoader:
-    """DataLoader over :class:`ShardStream` (or :class:`SyntheticStream` for ``train_data: synthetic``).
+def prefetch_factor(data_cfg, micro_batch_size: int, image_size: int, context_length: int) -> int:
+    """Batches each DataLoader worker keeps ready, so that all workers of a rank hold at most
+    ``data.prefetch_gib`` of decoded batches (uint8 images + int64 tokens): between 1 and 4."""
+    batch_bytes = micro_batch_size * (3 * image_size * image_size + 8 * context_length)
+    budget = data_cfg.prefetch_gib * GIB
+    return max(1, min(4, int(budget // (batch_bytes * max(1, data_cfg.num_workers)))))
+
+
+def build_train_loader(data_cfg, model_name: str, layout, seed: int, rank: int, device: torch.device,
+                       resume: Optional[Dict[str, Any]] = None) -> Iterable[Dict[str, Any]]:
+    """The rank's endless stream of micro batches: :class:`harness.synthetic.SyntheticSource` on ``device`` for
+    ``train_data: synthetic``, else a DataLoader over :class:`ShardStream` whose workers decode to ``uint8``
+    (pinned memory on CUDA, so the copy to the device is asynchronous; persistent workers; prefetch bounded by
+    ``data.prefetch_gib``).
 
     Args:
         data_cfg: :class:`harness.config.DataConfig`.
         model_name: registered model (sets image size, transform, tokenizer).
-        micro_batch_size: samples per batch.
+        layout: the run's :class:`harness.config.BatchLayout` (micro batch, accumulation, world size).
         seed: base seed.
-        rank, world_size: data-parallel position (from ``torch.distributed``).
+        rank: data-parallel rank (from ``torch.distributed``).
+        device: the training device.
         resume: :meth:`DataTracker.state_dict` of the checkpoint, or None.
     """
     import models
+    from harness.synthetic import SyntheticShapes, SyntheticSource
 
+    size, ctx = models.image_size(model_name), models.context_length(model_name)
+    micro = layout.micro_batch_size
     if data_cfg.train_data == "synthetic":
-        arch = models.architecture(model_name)["text_cfg"]
-        ds = SyntheticStream(micro_batch_size, models.image_size(model_name), models.context_length(model_name),
-                             arch.get("vocab_size", 49408), seed, rank, resume)
-        return DataLoader(ds, batch_size=None, num_workers=0)
-    ds = ShardStream(expand_shards(data_cfg.train_data), micro_batch_size,
-                     models.image_transform(model_name, is_train=True), models.get_tokenizer(model_name),
-                     Roles(rank, world_size, data_cfg.num_workers),
+        vocab = models.architecture(model_name)["text_cfg"].get("vocab_size", 49408)
+        return SyntheticSource(SyntheticShapes(size, ctx, vocab), micro, layout.grad_accum_steps, rank,
+                               layout.world_size, seed, device, resume)
+    ds = ShardStream(expand_shards(data_cfg.train_data), micro,
+                     models.image_transform(model_name, is_train=True, uint8=True), models.get_tokenizer(model_name),
+                     Roles(rank, layout.world_size, data_cfg.num_workers),
                      Sampling(seed, data_cfg.resampled, data_cfg.shuffle_buffer), resume)
-    kwargs = {}
+    kwargs: Dict[str, Any] = {"pin_memory": device.type == "cuda"}
     if data_cfg.num_workers > 0:
-        kwargs = dict(num_workers=data_cfg.num_workers, worker_init_fn=_worker_init, prefetch_factor=4,
-                      persistent_workers=False)
+        kwargs.update(num_workers=data_cfg.num_workers, worker_init_fn=_worker_init, persistent_workers=True,
+                      prefetch_factor=prefetch_factor(data_cfg, micro, size, ctx))
     return DataLoader(ds, batch_size=None, **kwargs)
 
 

@@ -114,11 +114,13 @@ def detect_launch(cfg: JobConfig) -> LaunchInfo:
 
 
 def select_device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` (made current) when CUDA is available, else the CPU."""
+    """This rank's device: ``cuda:(LOCAL_RANK mod visible GPUs)`` (made current) when CUDA is available, else the
+    CPU. The modulo covers schedulers that give each task one GPU (``CUDA_VISIBLE_DEVICES`` of one device while
+    ``LOCAL_RANK`` counts the node's tasks)."""
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -180,6 +182,22 @@ def all_reduce_floats(values: Sequence[float], op: str, device: torch.device) ->
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def abort() -> None:
+    """Tear the process group down after a failure without waiting for peers: NCCL's communicators are aborted
+    (``distributed_c10d._abort_process_group``) so a peer blocked in a collective errors out instead of waiting
+    for the timeout; other backends are destroyed. Never raises: the original error is what matters."""
+    if not dist.is_initialized():
+        return
+    try:
+        aborter = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if aborter is not None and dist.get_backend() == "nccl":
+            aborter()
+        else:
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a best effort on the way out
+        pass
 
 
 def shutdown() -> None:

@@ -1,5 +1,7 @@
-"""Errors shared across the harness (a module of its own so that every module can raise them without
+"""Errors and units shared across the harness (a module of its own so that every module can use them without
 importing the config)."""
+
+GIB = 2.0 ** 30  # bytes per GiB
 
 
 class ConfigError(ValueError):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness.config import PRECISIONS
+from harness.config import GIB, PRECISIONS
 from harness.hardware import host_memory_gib
 from harness.memmodel import STAGES, MemoryModel, Setup
 
@@ -102,24 +104,39 @@ class Cell:
 
 # --------------------------------------------------------------------------- devices and environment
 
+_DEVICE_QUERY = ("import json, torch; n = torch.cuda.device_count(); print(json.dumps([[torch.cuda.get_device_name(i), "
+                 "torch.cuda.get_device_properties(i).total_memory] for i in range(n)]))")
+
+
 def local_device() -> Dict[str, Any]:
-    """This machine's accelerator, read without creating a CUDA context in this (parent) process:
-    ``nvidia-smi`` for GPUs, else the CPU and its memory."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-            gpus = [ln.split(",") for ln in out.strip().splitlines() if ln.strip()]
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible:
-                gpus = [gpus[int(i)] for i in visible.split(",") if i.strip().isdigit() and int(i) < len(gpus)]
-            if gpus:
-                return {"type": "cuda", "name": gpus[0][0].strip(), "memory_gib": float(gpus[0][1]) / 1024,
-                        "count": len(gpus)}
-        except (subprocess.SubprocessError, ValueError, IndexError):
-            pass
-    return {"type": "cpu", "name": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-            "memory_gib": host_memory_gib(), "count": 0}
+    """This machine's accelerator, read without creating a CUDA context in this (parent) process: a child Python
+    asks torch for the devices ``CUDA_VISIBLE_DEVICES`` leaves visible (indices, UUIDs and MIG instances alike,
+    as CUDA itself resolves them), else the CPU and its memory.
+
+    Raises:
+        ProbeInputError: ``nvidia-smi`` lists GPUs but torch sees none of the visible devices (a device list that
+            names no usable GPU), instead of silently falling back to CPU mode.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    cpu = {"type": "cpu", "name": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+           "memory_gib": host_memory_gib(), "count": 0}
+    if visible == "" or not shutil.which("nvidia-smi"):
+        return cpu
+    try:
+        out = subprocess.run([sys.executable, "-c", _DEVICE_QUERY], capture_output=True, text=True, timeout=120,
+                             check=True).stdout
+        gpus = json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        raise ProbeInputError(f"CUDA_VISIBLE_DEVICES={visible!r}: could not read the visible GPUs with torch ({e})"
+                              ) from None
+    if not gpus:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.strip()
+        if smi:
+            raise ProbeInputError(f"CUDA_VISIBLE_DEVICES={visible!r}: torch sees no GPU although nvidia-smi lists "
+                                  f"{len(smi.splitlines())} ({smi.splitlines()[0]} ...); give indices, GPU-/MIG- UUIDs "
+                                  "of these devices, or an empty value for CPU mode")
+        return cpu
+    return {"type": "cuda", "name": gpus[0][0], "memory_gib": gpus[0][1] / GIB, "count": len(gpus)}
 
 
 def environment(device: Dict[str, Any], budget_gib: Optional[float], steps: int) -> Dict[str, Any]:

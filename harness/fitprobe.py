@@ -41,7 +41,15 @@ from typing import Any, Dict, List, Optional
 from harness.config import GIB
 from harness.fitcells import TERMINAL, Cell, ProbeInputError, ProbeOptions, environment, validate_args
 from harness.fitreport import merge_stores, write_reports
-from harness.fitsearch import calibrate, doubling_probes, how_obtained, predicted_record, run_probe, search_cell
+from harness.fitsearch import (
+    calibrate,
+    doubling_probes,
+    how_obtained,
+    predicted_record,
+    run_probe,
+    search_cell,
+    usable_limit_bytes,
+)
 from harness.fitstore import ResultsStore
 from harness.memmodel import STAGES, MemoryModel
 
@@ -139,7 +147,7 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args: ProbeOptions) -> int:
     if device["type"] == "cpu":
         args = args.replace(probe_env={"CUDA_VISIBLE_DEVICES": "",
                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    limit = (args.budget_gib or device["memory_gib"]) * GIB
+    card = (args.budget_gib or device["memory_gib"]) * GIB  # what a device of this size holds
     slots = device["count"] or args.cpu_processes
     model = MemoryModel("cuda" if device["type"] == "cuda" else "cpu")
     by_key = {c.key: c for c in cells}
@@ -150,13 +158,15 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args: ProbeOptions) -> int:
     print(f"fit probe: {len(cells)} cells on {device['name']} ({device['memory_gib']:.1f} GiB"
           f"{f', budget {args.budget_gib:g} GiB' if args.budget_gib else ''}); {len(finished)} already done; "
           f"store {out}", flush=True)
-    records = []
+    records, added = [], []  # cell records; probes run by this sweep
     for cell in cells:
         if cell.key in finished:
             records.append(finished[cell.key])
             continue
         how = how_obtained(cell, slots, args.launcher, args.max_nodes)
         calibrated = cell.family in calibrated_families
+        measured = [p for recs in probes.values() for p in recs] + added
+        limit = usable_limit_bytes(card, device["type"], measured)
         if how == "scheduler-limit":
             rec = predicted_record(cell, how, model, limit, args.granularity, args.max_batch,
                                    f"scheduler limit: the partition allows {args.max_nodes} nodes")
@@ -167,6 +177,7 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args: ProbeOptions) -> int:
             def probe(b, cell=cell, how=how):
                 r = run_probe(cell, b, how, args)
                 store.add_probe(r)
+                added.append(r)
                 peak = f"{r['peak_gib']:.3f} GiB" if r.get("peak_gib") is not None else "-"
                 print(f"  {cell.key} batch {b}: {r['outcome']} (peak {peak}, {r['seconds']:.0f} s)"
                       f"{'  ' + r['reason'][:160] if r['reason'] else ''}", flush=True)

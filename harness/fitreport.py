@@ -25,7 +25,7 @@ FAIL_LABEL = {"oom": "OOM", "hang": "hang", "error": "error", "unsupported": "un
 
 
 def _params_m(model: str) -> str:
-    from harness.memmodel import model_shape
+    from harness.modelshape import model_shape
 
     return f"{model} ({model_shape(model).params / 1e6:.0f}M)"
 

@@ -33,7 +33,7 @@ def probe_args(cell: Cell, batch: int, how: str, run_dir: Path, args: ProbeOptio
     """``train.py`` arguments of one probe: synthetic batches of the model's shapes, ``--steps`` steps."""
     out = synthetic_train_args(cell.model, batch, args.steps, cell.world, run_dir, warmup_steps=1) + [
         "--max-steps", str(args.steps), "--precision", cell.precision, "--attention", cell.attention,
-        "--grad-checkpointing", str(cell.checkpointing), "train.log_every_steps=1", "checkpoint.every_steps=0",
+        "--grad-checkpointing", str(cell.checkpointing), "checkpoint.every_steps=0",
         "checkpoint.save_final=false", "eval.zeroshot_data=null", "train.track_memory=true"]
     if args.budget_gib is not None:
         out.append(f"train.memory_budget_gib={args.budget_gib}")
@@ -76,6 +76,7 @@ def run_probe(cell: Cell, batch: int, how: str, args: ProbeOptions) -> Dict[str,
     return {"cell": cell.key, "batch": batch, "outcome": outcome, "reason": reason, "how": how,
             "peak_gib": s.get("peak_mem_gib"), "peak_kind": s.get("peak_mem_kind"),
             "reserved_gib": s.get("peak_reserved_gib"), "step_time_s": s.get("avg_step_time_s"),
+            "cuda_overhead_gib": s.get("cuda_overhead_gib"), "device_peak_gib": s.get("peak_device_gib"),
             "samples_per_s": s.get("samples_per_s"), "device_memory_gib": s.get("device_memory_gib"),
             "ranks": {str(r): st["status"] for r, st in sorted(res.statuses.items())},
             "seconds": round(res.seconds, 1), "returncode": res.returncode}
@@ -148,6 +149,29 @@ def _bounds(outcomes: Dict[int, Dict[str, Any]]) -> Tuple[Optional[int], Optiona
     fits = [b for b, p in outcomes.items() if p["outcome"] == "fits"]
     fails = [b for b, p in outcomes.items() if p["outcome"] in FAILURES]
     return (max(fits) if fits else None), (min(fails) if fails else None)
+
+
+DEFAULT_CUDA_OVERHEAD_GIB = 1.0  # CUDA context + NCCL before any probe has measured them
+DEFAULT_ALLOCATOR_SLACK = 0.05  # reserved / allocated - 1 of the caching allocator before any measurement
+
+
+def usable_limit_bytes(limit_bytes: float, device_type: str, probes: List[Dict[str, Any]]) -> float:
+    """What the memory model's prediction (peak *allocated* bytes) may reach on a device of ``limit_bytes``.
+
+    A CPU's budget is the tracked tensor bytes themselves. A GPU holds more than PyTorch allocates: the CUDA
+    context and NCCL/cuBLAS buffers outside the caching allocator, and the allocator's reserved-but-unallocated
+    slack. Both are taken from the largest fitting probe measured so far (``cuda_overhead_gib``,
+    ``reserved_gib / peak_gib``), else defaults (1 GiB, 5%), so a cell fits against what a card of that size
+    leaves, not against its full memory.
+    """
+    if device_type != "cuda":
+        return limit_bytes
+    measured = [p for p in probes if p.get("outcome") == "fits" and p.get("peak_gib") and p.get("reserved_gib")
+                and p.get("cuda_overhead_gib") is not None]
+    if not measured:
+        return (limit_bytes - DEFAULT_CUDA_OVERHEAD_GIB * GIB) / (1 + DEFAULT_ALLOCATOR_SLACK)
+    best = max(measured, key=lambda p: p["peak_gib"])
+    return (limit_bytes - best["cuda_overhead_gib"] * GIB) * best["peak_gib"] / best["reserved_gib"]
 
 
 def calibrate(model: MemoryModel, cell: Cell, probe_record: Dict[str, Any]) -> None:

@@ -104,6 +104,7 @@ def model_gmacs(name: str, images: Optional[torch.Tensor] = None,
     dtp = hasattr(visual, "boundary_mode")
     if dtp:
         visual.boundary_mode = "nominal"
+        _fit_slots(visual, torch.zeros(1, 3, size, size))
     result["image_gmacs"] = count_gmacs(visual, torch.zeros(1, 3, size, size))
     if dtp:
         result["image_gmacs_kind"] = f"nominal (boundaries every {visual.cfg.compression:g} patches)"
@@ -112,8 +113,8 @@ def model_gmacs(name: str, images: Optional[torch.Tensor] = None,
         if images is not None:
             costs, sfs = [], []
             for img in images:
+                _fit_slots(visual, img[None])
                 costs.append(count_gmacs(visual, img[None]))
-                visual(img[None])
                 sfs.append(float(visual.last_stats["shortening_factor"]))
             result["image_gmacs_measured"] = sum(costs) / len(costs)
             result["shortening_factor_measured"] = sum(sfs) / len(sfs)
@@ -121,6 +122,14 @@ def model_gmacs(name: str, images: Optional[torch.Tensor] = None,
     result["text_gmacs"] = count_gmacs(_TextTower(model), text)
     result["context_length"] = ctx
     return result
+
+
+def _fit_slots(visual: nn.Module, image: torch.Tensor) -> None:
+    """Give a DTP-ViT tower exactly as many segment slots as ``image`` ``[1, 3, H, W]`` has segments, so the count
+    is of the work its segments need, not of the static padding the training shapes carry."""
+    visual.max_segments = visual.num_patches
+    visual(image)
+    visual.max_segments = max(1, int(visual.last_stats["segments_max"]))
 
 
 def load_images(folder: str, name: str, limit: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ Two moments: :func:`check_machine` before a rank has chosen its device (no CUDA 
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +34,63 @@ def device_memory_gib(device: torch.device) -> float:
 def autocast_dtype(precision: str):
     """``torch.bfloat16`` / ``torch.float16`` for ``bf16`` / ``fp16``, None for ``fp32``."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def configure_device_math(cfg: JobConfig, device: torch.device) -> None:
+    """On CUDA: TF32 tensor cores for fp32 matmuls and convolutions per ``train.tf32`` (PyTorch's default leaves
+    matmuls in full fp32). Nothing on a CPU, whose fp32 numerics stay as they are."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+
+# What CUDA, cuBLAS, cuDNN and NCCL say when device memory runs out (not all raise torch.OutOfMemoryError)
+_OOM_PATTERNS = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|"
+                           r"cudaErrorMemoryAllocation|Failed to CUDA calloc|ncclSystemError.*alloc", re.IGNORECASE)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for every form a device running out of memory takes: ``torch.OutOfMemoryError`` (the caching allocator,
+    and :class:`harness.memory.TensorMemoryTracker`'s CPU budget), and ``RuntimeError``s from CUDA ("CUDA error:
+    out of memory"), cuBLAS (``CUBLAS_STATUS_ALLOC_FAILED``), cuDNN (``CUDNN_STATUS_ALLOC_FAILED``) and NCCL."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                         and bool(_OOM_PATTERNS.search(str(error))))
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 on ``device``: compute capability 8.0 or newer on CUDA (``torch.cuda.is_bf16_supported()`` also
+    answers yes where bf16 is only emulated, e.g. V100 and T4), any CPU."""
+    if device.type != "cuda":
+        return True
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def apply_memory_budget(cfg: JobConfig, device: torch.device) -> float:
+    """On CUDA, after the process group exists: measure the memory this process holds outside PyTorch's caching
+    allocator (CUDA context, cuBLAS/NCCL buffers; ``total - free - reserved``, after a first collective so NCCL's
+    communicator is built) and, with ``train.memory_budget_gib``, cap the caching allocator at the budget minus
+    that overhead, so that a run fits in the budget the way it would fit on a card of that size. Returns the
+    overhead in GiB (0 on a CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(torch.zeros(1, device=device))
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    overhead = max(total - free - torch.cuda.memory_reserved(device), 0) / GIB
+    budget = cfg.train.memory_budget_gib
+    if budget is not None:
+        usable = budget - overhead
+        if usable <= 0:
+            raise ConfigError(f"train.memory_budget_gib: {budget:g} GiB leaves nothing beside the {overhead:.2f} GiB "
+                              "of CUDA context and communication buffers this process already holds")
+        torch.cuda.set_per_process_memory_fraction(min(usable * GIB / total, 1.0), device)
+    return overhead
 
 
 def check_machine(cfg: JobConfig) -> None:
@@ -67,7 +125,7 @@ def check_device_support(cfg: JobConfig, device: torch.device, launch: "LaunchIn
     """Check what needs the device itself, after it is chosen and before any process group exists:
     bf16 support (e.g. not on V100), fp16 under DeepSpeed on a CPU, the attention kernel (tried on a
     tiny input in the run's compute dtype, :func:`models.attention.check_backend`), and a memory budget
-    against the GPU's memory (then applied as the caching allocator's per-process memory fraction).
+    against the GPU's memory (applied, net of the CUDA context, by :func:`apply_memory_budget`).
 
     Raises:
         ConfigError: names the field, the reason and what this device can do instead.
@@ -75,7 +133,7 @@ def check_device_support(cfg: JobConfig, device: torch.device, launch: "LaunchIn
     from models.attention import AttentionBackendError, check_backend
 
     precision = cfg.train.precision
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not bf16_supported(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)} "
                           f"(compute capability {major}.{minor} < 8.0); use fp16 (dynamic loss scaling) or fp32")
@@ -93,4 +151,3 @@ def check_device_support(cfg: JobConfig, device: torch.device, launch: "LaunchIn
         if budget > total:
             raise ConfigError(f"train.memory_budget_gib: {budget:g} GiB is more than the "
                               f"{torch.cuda.get_device_name(device)}'s {total:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(budget / total, device)

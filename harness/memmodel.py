@@ -8,8 +8,12 @@ Peak = max(forward/backward peak, optimizer-step peak), with
   parameters in the module under bf16 (autocast / DeepSpeed ``torch_autocast``), so a parameter costs
   4 (module) + 4 (gradient) + 8 (AdamW) bytes before sharding; DeepSpeed's fp32 partition copy adds 4/N
   from stage 1 on; DeepSpeed's native fp16 (ZeRO 1-3) keeps a 2-byte module copy;
-* **runtime buffers** read from the launch JSON: DeepSpeed's gradient buckets (``reduce_bucket_size``
-  elements, two of them with ``overlap_comm``, at ZeRO 1-3: 3.7 GiB at the default 5e8 in fp32),
+* **runtime buffers** read from the launch JSON (``"auto"`` sizes resolved as the engine does,
+  :func:`harness.engines.deepspeed.bucket_sizes`), as DeepSpeed 0.19.8 allocates them: at ZeRO-1/2 one gradient
+  bucket of ``reduce_bucket_size`` elements in the parameters' dtype per communication dtype (two under
+  ``torch_autocast``: bf16 for Linear/Conv gradients, fp32 for the rest), doubled with ``overlap_comm``
+  (``stage_1_and_2.py``); at ZeRO-3 one persistent bucket per communication dtype, in that dtype, and every
+  parameter of at most ``stage3_param_persistence_threshold`` elements (default 1e5) held whole on every rank;
   DDP's gradient buckets (a copy of the gradients);
 * **activations** per sample, per transformer block with ``s`` tokens, width ``h``, MLP width ``m``, ``a``
   heads (Korthikanti et al., arXiv 2205.05198, counted for these blocks): ``9 s h + 2 s m`` elements saved
@@ -32,12 +36,12 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from harness.config import GIB
+from harness.modelshape import Block, ModelShape, model_shape
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,84 +50,6 @@ STAGES = {"ddp": None, "0": "zero0", "1": "zero1", "2": "zero2", "3": "zero3", "
           "3-offload": "zero3_offload", "fsdp": "fsdp", "fsdp-sgo": "fsdp_shard_grad_op"}
 # DeepSpeed stages whose optimizer states are partitioned (an fp32 flat partition per rank)
 ZERO_PARTITIONED = ("1", "2", "3", "2-offload", "3-offload")
-
-
-@dataclass(frozen=True)
-class Block:
-    """One transformer block: ``tokens`` s, ``width`` h, ``mlp`` hidden width, ``heads`` a, ``params``."""
-
-    tokens: int
-    width: int
-    mlp: int
-    heads: int
-    params: int
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory model needs of an architecture (from a meta-device build: no memory used).
-
-    Attributes:
-        params: trainable parameters P.
-        towers: ``{"image": [Block...], "text": [Block...]}`` in forward order.
-        root_params: parameters outside the transformer blocks (embeddings, projections, norms, logit scale).
-        embed_dim: CLIP embedding width d.
-        image_elems: elements of one input image (3 H W).
-        largest_param: elements of the largest parameter tensor (the token embedding, usually).
-    """
-
-    params: int
-    towers: Dict[str, Tuple[Block, ...]]
-    root_params: int
-    embed_dim: int
-    image_elems: int
-    largest_param: int
-
-    @property
-    def block_params(self) -> int:
-        return self.params - self.root_params
-
-    @property
-    def largest_block(self) -> int:
-        return max(b.params for blocks in self.towers.values() for b in blocks)
-
-
-@functools.lru_cache(maxsize=None)
-def model_shape(name: str) -> ModelShape:
-    """:class:`ModelShape` of a registered model (built on the meta device)."""
-    import models
-    from models.blocks import tower_block_lists
-
-    model = models.create_model(name, device="meta")
-    arch = models.architecture(name)
-    vis, txt = arch["vision_cfg"], arch["text_cfg"]
-    size = vis["image_size"] if isinstance(vis["image_size"], int) else vis["image_size"][0]
-    patches = (size // vis["patch_size"]) ** 2
-    dtp = arch.get("dtp_cfg")
-    lists = tower_block_lists(model)
-    towers = {}
-    for tower, block_lists in lists.items():
-        if tower == "text":
-            width, heads, mlp_ratio = txt["width"], txt.get("heads", 8), txt.get("mlp_ratio", 4.0)
-        elif dtp:
-            width, heads, mlp_ratio = dtp["width"], dtp["heads"], dtp.get("mlp_ratio", 4.0)
-        else:
-            width, heads, mlp_ratio = vis["width"], vis["width"] // vis.get("head_width", 64), 4.0
-        blocks = []
-        for i, blist in enumerate(block_lists):
-            if tower == "text":
-                tokens = txt.get("context_length", 77)
-            elif dtp and i == 1:  # DTP-ViT's shortened layers: CLS + expected segments
-                tokens = 1 + math.ceil(patches / dtp["compression"])
-            else:
-                tokens = 1 + patches
-            blocks += [Block(tokens, width, int(width * mlp_ratio), heads, sum(p.numel() for p in blk.parameters()))
-                       for blk in blist]
-        towers[tower] = tuple(blocks)
-    params = sum(p.numel() for p in model.parameters())
-    in_blocks = sum(b.params for blocks in towers.values() for b in blocks)
-    return ModelShape(params, towers, params - in_blocks, arch["embed_dim"], 3 * size * size,
-                      max(p.numel() for p in model.parameters()))
 
 
 @dataclass(frozen=True)
@@ -157,11 +83,15 @@ def _elem_bytes(precision: str) -> int:
 def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, float]:
     """Model states and runtime buffers of one rank, in bytes, by component (see the module docstring).
     ``device_type`` "cpu" counts CPU-offloaded states too (they live in the same memory)."""
+    from harness.engines.deepspeed import bucket_sizes
+
     P, N = shape.params, s.world
     zero = s.launch_json.get("zero_optimization", {})
     native_fp16 = s.precision == "fp16" and s.stage in ZERO_PARTITIONED
     module = 2 if native_fp16 else 4
-    bucket_elems = float(zero.get("reduce_bucket_size", 5e8))
+    bucket_elems = zero.get("reduce_bucket_size", 5e8)
+    bucket_elems = float(bucket_sizes(P)["reduce_bucket_size"] if bucket_elems == "auto" else bucket_elems)
+    autocast = s.precision != "fp32" and not native_fp16  # DeepSpeed's torch_autocast mode
     out: Dict[str, float] = {}
     stage = s.stage
     if stage in ("ddp", "0"):
@@ -172,17 +102,19 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
         sharded_grads = stage != "1"
         out.update(params=module * P, grads=(4 * P / N if sharded_grads else module * P),
                    optimizer=12 * P / N)  # fp32 partition copy + AdamW state
-        # gradient staging buckets (contiguous_gradients; a second one with overlap_comm), allocated when
-        # backward starts: fp32 at ZeRO-1 (its accumulator), the module's dtype at ZeRO-2
+        # gradient staging buckets (contiguous_gradients), allocated when backward starts, in the parameters'
+        # dtype: one per communication dtype (two under torch_autocast), doubled with overlap_comm
         if zero.get("contiguous_gradients", True) or stage == "2-offload":
-            per = bucket_elems * (4 if stage == "1" else module)
-            out["buffers"] = per * (2 if zero.get("overlap_comm") else 1)
+            out["buffers"] = (bucket_elems * module * (2 if autocast else 1)
+                              * (2 if zero.get("overlap_comm") else 1))
         if stage == "2-offload" and device_type != "cpu":
             out["optimizer"] = 0.0
             out["grads"] = 0.0
     elif stage in ("3", "3-offload"):
-        out.update(params=module * P / N, grads=4 * P / N, optimizer=12 * P / N,
-                   gathered=2 * module * shape.largest_block, buffers=bucket_elems * module)
+        persistent = sum(n for n in shape.param_numels if n <= zero.get("stage3_param_persistence_threshold", 1e5))
+        out.update(params=module * P / N + module * persistent * (1 - 1 / N), grads=4 * P / N,
+                   optimizer=12 * P / N, gathered=2 * module * shape.largest_block,
+                   buffers=bucket_elems * ((2 + 4) if autocast else module))
         if stage == "3-offload" and device_type != "cpu":
             out.update(params=0.0, grads=0.0, optimizer=0.0)
     else:  # FSDP2: fp32 shards; blocks gathered in the compute dtype, the root group in fp32

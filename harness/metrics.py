@@ -7,13 +7,15 @@ import json
 import logging
 import resource
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.distributed import all_reduce_floats
+from harness.distributed import is_distributed
 
 log = logging.getLogger("harness")
 
@@ -54,22 +56,39 @@ class MetricLogger:
         self.interval: Dict[str, List[torch.Tensor]] = {}
 
     def add(self, scalars: Mapping[str, torch.Tensor]) -> None:
-        """One micro batch's scalars (0-dim tensors; not read on the host here)."""
+        """One micro batch's (or optimizer step's) scalars: 0-dim device tensors, not read on the host here."""
         for k, v in scalars.items():
             self.interval.setdefault(k, []).append(v)
 
     def reduce(self, sums: Mapping[str, float]) -> Dict[str, float]:
         """Means / maxima of the interval's scalars over micro batches and ranks, plus ``sums`` summed over
-        ranks; starts a new interval."""
-        maxes = {k: torch.stack(v).max().item() for k, v in self.interval.items() if k.endswith("_max")}
-        means = {k: torch.stack(v).mean().item() for k, v in self.interval.items() if k not in maxes}
-        reduced = all_reduce_floats([*means.values(), *sums.values()], "sum", self.device)
+        ranks; starts a new interval. The values are packed into one device tensor per reduction, so a log step
+        reads the device once for the means and sums and once for the maxima."""
+        maxes = [k for k in self.interval if k.endswith("_max")]
+        means = [k for k in self.interval if k not in maxes]
+        packed = torch.cat([self._stacked(means, "mean"),
+                            torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)])
+        reduced = self._all_reduce(packed, "sum")
         out = {k: r / self.world for k, r in zip(means, reduced)}
         out.update(zip(sums, reduced[len(means):]))
         if maxes:
-            out.update(zip(maxes, all_reduce_floats(list(maxes.values()), "max", self.device)))
+            out.update(zip(maxes, self._all_reduce(self._stacked(maxes, "max"), "max")))
         self.interval = {}
         return out
+
+    def _stacked(self, keys, how: str) -> torch.Tensor:
+        """``[len(keys)]`` float64 on the device: each key's mean or max over the interval."""
+        if not keys:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        per_key = [torch.stack([v.detach().reshape(()).float() for v in self.interval[k]]) for k in keys]
+        return torch.stack([v.mean() if how == "mean" else v.max() for v in per_key]).double().to(self.device)
+
+    def _all_reduce(self, t: torch.Tensor, op: str) -> List[float]:
+        if is_distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()  # the host read of this log step
 
     def write(self, record: Dict[str, Any]) -> None:
         self.writer.write(record)
@@ -131,30 +150,85 @@ class StepProfiler:
 
 
 class StepTimer:
-    """Optimizer-step wall times in seconds; the first ``warmup`` steps of this process are excluded
-    from averages (first steps include allocator growth, worker start-up, kernel selection)."""
+    """Optimizer-step wall times, measured between synchronisation points (the log steps, where the metric
+    reduction reads device values anyway), so that in between the CPU can run ahead of the GPU and no step waits
+    for the device just to be timed. The first ``warmup`` steps of this process (allocator growth, worker
+    start-up, kernel selection) are excluded from the averages; the step that ends them, :attr:`boundary`, is
+    made a log step by the trainer. Data wait is host time spent waiting for the next batch, per step.
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.times: List[float] = []
-        self.data_wait: List[float] = []
+    Args:
+        warmup: steps to exclude (fewer when the run is shorter than ``warmup + 1`` steps).
+        start_step: the step this process starts from (0, or the resumed step).
+        stop_step: the step it will stop at.
+    """
 
-    def add(self, step_time_s: float, data_wait_s: float) -> None:
-        self.times.append(step_time_s)
-        self.data_wait.append(data_wait_s)
+    def __init__(self, warmup: int, start_step: int, stop_step: int):
+        self.start_step = start_step
+        self.excluded = min(warmup, max(stop_step - start_step - 1, 0))
+        self.boundary = start_step + self.excluded
+        self.marks: List[tuple] = []
+        self.waits: Dict[int, float] = {}
 
-    @property
-    def excluded(self) -> int:
-        """Steps actually excluded (fewer than ``warmup`` if the run was shorter than warm-up + 1 steps)."""
-        return min(self.warmup, max(len(self.times) - 1, 0))
+    def start(self) -> None:
+        """The loop starts: the first mark."""
+        self.marks = [(self.start_step, time.perf_counter())]
+
+    def add_wait(self, step: int, wait_s: float) -> None:
+        self.waits[step] = wait_s
+
+    def mark(self, step: int) -> None:
+        """``step`` ended and the host has waited for the device (call right after a sync)."""
+        self.marks.append((step, time.perf_counter()))
+
+    def interval(self) -> tuple:
+        """``(mean step time s, mean data wait s)`` of the steps since the previous mark."""
+        (s0, t0), (s1, t1) = self.marks[-2], self.marks[-1]
+        n = max(s1 - s0, 1)
+        return (t1 - t0) / n, sum(self.waits.get(s, 0.0) for s in range(s0 + 1, s1 + 1)) / n
+
+    def _kept(self) -> Optional[tuple]:
+        ref = next((m for m in self.marks if m[0] == self.boundary), None)
+        last = self.marks[-1] if self.marks else None
+        if ref is None or last is None or last[0] <= ref[0]:
+            return None
+        return ref, last
 
     def avg_step_time_s(self) -> Optional[float]:
-        kept = self.times[self.excluded:]
-        return sum(kept) / len(kept) if kept else None
+        """Mean step time after the warm-up (None before two marks span a kept step)."""
+        kept = self._kept()
+        return None if kept is None else (kept[1][1] - kept[0][1]) / (kept[1][0] - kept[0][0])
 
     def data_wait_fraction(self) -> Optional[float]:
-        kept_t, kept_w = self.times[self.excluded:], self.data_wait[self.excluded:]
-        return sum(kept_w) / sum(kept_t) if kept_t and sum(kept_t) > 0 else None
+        kept = self._kept()
+        if kept is None or kept[1][1] <= kept[0][1]:
+            return None
+        waits = sum(self.waits.get(s, 0.0) for s in range(kept[0][0] + 1, kept[1][0] + 1))
+        return waits / (kept[1][1] - kept[0][1])
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts host reads of tensor values (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``,
+    ``if t:``): on a GPU each one waits for the device. The trainer counts them per optimizer step inside the step
+    and the log (data loading excluded) with ``train.count_host_syncs``; only log steps may have any."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Do not count inside the block (host work such as data loading)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self._paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def peak_memory_gib(device: torch.device, tracker=None) -> tuple:

@@ -21,31 +21,33 @@ from torch import nn
 DataParallel = Literal["none", "ddp", "fsdp"]
 
 
-def apply_fsdp(model: nn.Module, param_dtype: Optional[torch.dtype], reshard_after_forward: bool,
-               world_size: int, device: torch.device) -> Dict[str, int]:
-    """``fully_shard`` each transformer block of both towers (``MixedPrecisionPolicy(param_dtype, reduce_dtype=
-    fp32)``), then the root with fp32 parameters (embeddings, projections, norms, CLIP's ``logit_scale``).
-    Returns the blocks sharded per tower."""
+def apply_fsdp(model: nn.Module, param_dtype: Optional[torch.dtype], reduce_dtype: torch.dtype,
+               reshard_after_forward: bool, device: torch.device) -> Dict[str, int]:
+    """``fully_shard`` each transformer block of both towers (``MixedPrecisionPolicy(param_dtype, reduce_dtype)``),
+    then the root with fp32 parameters (embeddings, projections, norms, CLIP's ``logit_scale``), over all ranks of
+    the default process group. The root is not resharded after forward: its parameters are gathered again at
+    once for backward (torchtitan's choice for the root). Returns the blocks sharded per tower."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from models.blocks import iter_blocks
 
-    mesh = init_device_mesh(device.type, (world_size,))
-    block_mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    block_mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) if param_dtype
                 else MixedPrecisionPolicy())
     counts = {"image": 0, "text": 0}
     for tower, blk in iter_blocks(model):
         fully_shard(blk, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
         counts[tower] += 1
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return counts
 
 
 def parallelize_clip(model: nn.Module, *, device: torch.device, grad_checkpointing: int = 0,
                      compile_blocks: bool = False, data_parallel: DataParallel = "none",
-                     param_dtype: Optional[torch.dtype] = None, reshard_after_forward: bool = True
-                     ) -> Tuple[nn.Module, Dict[str, Any]]:
+                     param_dtype: Optional[torch.dtype] = None, reduce_dtype: torch.dtype = torch.float32,
+                     reshard_after_forward: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Apply checkpointing -> compile -> device -> FSDP2 or DDP to ``model`` (an open_clip ``CLIP``).
 
     Args:
@@ -55,15 +57,14 @@ def parallelize_clip(model: nn.Module, *, device: torch.device, grad_checkpointi
         compile_blocks: ``torch.compile`` every transformer block.
         data_parallel: ``"fsdp"`` (FSDP2 over the default process group), ``"ddp"`` or ``"none"``.
         param_dtype: FSDP2's block parameter dtype under mixed precision (None: fp32).
-        reshard_after_forward: FSDP2 full shard (True) or shard-grad-op (False).
+        reduce_dtype: FSDP2's gradient reduce-scatter dtype under mixed precision.
+        reshard_after_forward: FSDP2 full shard (True) or shard-grad-op (False) for the blocks.
 
     Returns:
         ``(model, applied)``: the model to forward (``DistributedDataParallel`` around it for DDP; the model
         itself, sharded in place, for FSDP2) and ``{"checkpointed_blocks": {"image": n, "text": m},
         "compiled_blocks": k, "sharded_blocks": {...} or None}``.
     """
-    import torch.distributed as dist
-
     from models.blocks import compile_blocks as compile_all
     from models.blocks import set_grad_checkpointing
 
@@ -75,8 +76,7 @@ def parallelize_clip(model: nn.Module, *, device: torch.device, grad_checkpointi
     }
     model = model.to(device)
     if data_parallel == "fsdp":
-        applied["sharded_blocks"] = apply_fsdp(model, param_dtype, reshard_after_forward, dist.get_world_size(),
-                                               device)
+        applied["sharded_blocks"] = apply_fsdp(model, param_dtype, reduce_dtype, reshard_after_forward, device)
     elif data_parallel == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     return model, applied

@@ -77,7 +77,7 @@ def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") 
             out = model(images, text)
             loss = ClipLoss()(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
     loss.backward()
-    opt = build_optimizer(model, JobConfig())
+    opt = build_optimizer(model, JobConfig(), torch.device("cpu"))
     opt.step()
     gib = 2.0 ** 30
     return {

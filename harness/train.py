@@ -20,8 +20,14 @@ from harness import checkpoint as ckpt_mod
 from harness.config import GIB, BatchLayout, ConfigError, JobConfig, to_dict, validate
 from harness.config_manager import get_dotted
 from harness.data import epoch_samples
-from harness.distributed import detect_launch, init_distributed, select_device, shutdown
-from harness.hardware import check_device_support, check_machine
+from harness.distributed import abort, detect_launch, init_distributed, select_device, shutdown
+from harness.hardware import (
+    apply_memory_budget,
+    check_device_support,
+    check_machine,
+    configure_device_math,
+    is_out_of_memory,
+)
 from harness.trainer import RunContext, Trainer
 
 log = logging.getLogger("harness")
@@ -146,9 +152,11 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
 
     device = select_device()
     check_device_support(cfg, device, launch)
+    configure_device_math(cfg, device)
     rank, world = init_distributed(launch, device, cfg.train.emulate_world_size)
+    overhead = apply_memory_budget(cfg, device)
     mem = memory_tracker(cfg, device, rank)
-    ctx = RunContext(cfg, layout, launch, device, rank, world, total_samples, resume_from, mem)
+    ctx = RunContext(cfg, layout, launch, device, rank, world, total_samples, resume_from, mem, overhead)
     try:
         with mem or contextlib.nullcontext():
             setup_logging(rank)
@@ -156,12 +164,14 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
                 cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             summary = Trainer(ctx).train()
-    except torch.OutOfMemoryError as e:
-        # the outcome of this rank, for fit probes and for the user; the launcher stops the other ranks
-        write_status(cfg.run_dir, rank, "oom", str(e).strip().splitlines()[0][:500])
-        raise
     except Exception as e:
-        write_status(cfg.run_dir, rank, "error", f"{type(e).__name__}: {str(e).strip()[:500]}")
+        # the outcome of this rank, for fit probes and for the user; peers blocked in a collective are released by
+        # the aborted process group, and the launcher stops the other ranks
+        if is_out_of_memory(e):
+            write_status(cfg.run_dir, rank, "oom", str(e).strip().splitlines()[0][:500])
+        else:
+            write_status(cfg.run_dir, rank, "error", f"{type(e).__name__}: {str(e).strip()[:500]}")
+        abort()
         raise
     write_status(cfg.run_dir, rank, "ok", "")
     shutdown()

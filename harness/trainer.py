@@ -10,6 +10,7 @@ DTP-ViT's boundary loss and shortening factor): the loop knows no model by name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from harness.distributed import LaunchInfo, all_reduce_floats, barrier
 from harness.engines import build_engine
 from harness.engines.common import local_parameter_elements
 from harness.hardware import autocast_dtype, device_memory_gib
-from harness.metrics import MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
+from harness.metrics import HostSyncCounter, MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
 from harness.parallelize import parallelize_clip
 from harness.schedule import build_scheduler
 from harness.zeroshot import zeroshot_eval
@@ -42,8 +43,8 @@ log = logging.getLogger("harness")
 @dataclass(frozen=True)
 class RunContext:
     """Everything a run is decided on before the trainer exists: the config, the batch layout, the launch,
-    this rank's device and place in the world, the schedule's length, the checkpoint to resume, and the CPU
-    memory tracker (None on a GPU)."""
+    this rank's device and place in the world, the schedule's length, the checkpoint to resume, the CPU
+    memory tracker (None on a GPU) and the GPU memory held outside PyTorch's allocator (context, NCCL)."""
 
     cfg: JobConfig
     layout: BatchLayout
@@ -54,6 +55,7 @@ class RunContext:
     total_samples: int
     resume_from: Optional[Path] = None
     mem: Any = None
+    cuda_overhead_gib: float = 0.0
 
 
 @dataclass
@@ -81,6 +83,16 @@ def clip_loss_fn(rank: int, world: int):
     return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
 
 
+@contextlib.contextmanager
+def _cuda_sync_debug(mode: str):
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 class Trainer:
     """One training run of ``ctx.cfg`` on this rank: model, engine, data, loss and the loop's components."""
 
@@ -97,6 +109,7 @@ class Trainer:
         model, self.applied = parallelize_clip(
             model, device=self.device, grad_checkpointing=cfg.model.grad_checkpointing,
             compile_blocks=cfg.model.compile, data_parallel=data_parallel, param_dtype=dtype,
+            reduce_dtype=torch.bfloat16 if cfg.train.fsdp_reduce_dtype == "bf16" else torch.float32,
             reshard_after_forward=ctx.launch.fsdp_reshard_after_forward)
         schedule = lambda opt: build_scheduler(opt, ctx.total_samples, cfg.optim.warmup_samples,
                                                layout.global_batch_size, cfg.optim.min_lr_ratio)
@@ -104,9 +117,11 @@ class Trainer:
         self.state = TrainState()
         self.checkpoints = ckpt_mod.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, self.rank)
         self.data = DataTracker()
-        self.timer = StepTimer(cfg.train.timing_warmup_steps)
         self.profiler = StepProfiler(cfg.train.profile_step, cfg.run_dir, self.rank, self.device)
         self.loss_fn = clip_loss_fn(self.rank, self.world)
+        self.image_stats = models.image_mean_std(cfg.model.name)  # uint8 images are normalised on the device
+        self.syncs = HostSyncCounter() if cfg.train.count_host_syncs else None
+        self.syncs_by_step: Dict[int, int] = {}
 
     # ------------------------------------------------------------------ the loop
 
@@ -114,10 +129,12 @@ class Trainer:
         """Train to ``train.max_steps`` or the end of the schedule, evaluate, and return the summary (rank 0;
         None elsewhere)."""
         self.load_or_init()
+        self.timer.start()
         while self.state.step < self.stop_step:
-            with self.profiler.maybe(self.state.step + 1):
-                self.train_step()
-            self.log()
+            with self.profiler.maybe(self.state.step + 1), self._counting_syncs():
+                with self._sync_guard():
+                    self.train_step()
+                self.log()
             self.progress.update()
             self.maybe_eval()
             self.maybe_save()
@@ -144,8 +161,9 @@ class Trainer:
         else:
             seed_everything(cfg.train.seed + self.rank)  # per-rank stream of any runtime randomness
         self.state.start_step = self.state.step
-        self.loader = iter(build_train_loader(cfg.data, cfg.model.name, self.layout.micro_batch_size, cfg.train.seed,
-                                              self.rank, self.world, self.data.state_dict()))
+        self.timer = StepTimer(cfg.train.timing_warmup_steps, self.state.step, self.stop_step)
+        self.loader = iter(build_train_loader(cfg.data, cfg.model.name, self.layout, cfg.train.seed, self.rank,
+                                              self.device, self.data.state_dict()))
         self.metrics = MetricLogger(cfg.run_dir / "metrics.jsonl", self.rank, self.world, self.device)
         self.progress = ProgressBar(self.stop_step, self.state.step, self.rank == 0 and cfg.train.progress_bar,
                                     getattr(self.engine.module.visual, "progress_metrics", {}))
@@ -159,21 +177,43 @@ class Trainer:
                  applied["compiled_blocks"])
 
     def train_step(self) -> None:
-        """One optimizer step: forward and backward of micro batches until the engine steps."""
-        t0 = time.perf_counter()
+        """One optimizer step: forward and backward of micro batches until the engine steps. Nothing here reads a
+        device value on the host: the step's scalars go to the metric logger as device tensors."""
         wait = 0.0
         stepped = False
         while not stepped:
             tw = time.perf_counter()
-            batch = next(self.loader)
+            with self._paused_sync_count():  # data loading is host work, not the device's
+                batch = next(self.loader)
             wait += time.perf_counter() - tw
             self.data.update(batch)
             self.metrics.add(self.forward_backward(batch))
             stepped = self.engine.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # honest step time: wait for the GPU
+        self.metrics.add(self.engine.step_metrics())
         self.state.step += 1
-        self.timer.add(time.perf_counter() - t0, wait)
+        self.timer.add_wait(self.state.step, wait)
+
+    @contextlib.contextmanager
+    def _counting_syncs(self):
+        """With ``train.count_host_syncs``: count the host reads of one step and its log."""
+        if self.syncs is None:
+            yield
+            return
+        before = self.syncs.count
+        with self.syncs:
+            yield
+        self.syncs_by_step[self.state.step] = self.syncs.count - before
+
+    def _sync_guard(self):
+        """With ``train.count_host_syncs`` on CUDA under the plain or FSDP2 engine: the step itself (not its log)
+        runs with ``torch.cuda.set_sync_debug_mode("error")``, so any synchronising call, counted or not, fails
+        loudly. (DeepSpeed's step synchronises by design: its gradient-norm and overflow checks.)"""
+        if self.syncs is None or self.device.type != "cuda" or self.engine.kind == "deepspeed":
+            return contextlib.nullcontext()
+        return _cuda_sync_debug("error")
+
+    def _paused_sync_count(self):
+        return self.syncs.paused() if self.syncs is not None else contextlib.nullcontext()
 
     def forward_backward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """One micro batch: forward, contrastive loss (fp32) + the image tower's extra losses, backward.
@@ -187,8 +227,10 @@ class Trainer:
             Detached fp32 scalars: ``loss`` (contrastive), each extra loss, and the tower's stats.
         """
         device = self.device
-        out = self.engine.forward(batch["image"].to(device, non_blocking=True),
-                                  batch["text"].to(device, non_blocking=True))
+        image = batch["image"].to(device, non_blocking=True)  # uint8, from pinned memory on CUDA
+        if image.dtype == torch.uint8:
+            image = models.normalize_uint8(image, *self.image_stats)
+        out = self.engine.forward(image, batch["text"].to(device, non_blocking=True))
         scale = out["logit_scale"].float().clamp(max=100.0)
         loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), scale)
         visual = self.engine.module.visual
@@ -201,12 +243,18 @@ class Trainer:
             report.setdefault(k, v.float())
         return report
 
+    def is_log_step(self, step: int) -> bool:
+        """Every ``train.log_every_steps``, the first step of this process, the end of the timing warm-up and
+        the last step: the steps that read device values on the host."""
+        return (step % self.cfg.train.log_every_steps == 0 or step == self.stop_step
+                or step == self.state.start_step + 1 or step == self.timer.boundary)
+
     def log(self) -> None:
-        """At a log step (every ``train.log_every_steps`` and the last): one all-reduce of the interval's
-        scalars, the bad-sample counters and the stop-file vote (so every rank stops at the same step); a
-        metrics line and the progress bar's postfix."""
+        """At a log step: one all-reduce of the interval's scalars (device tensors), the bad-sample counters
+        and the stop-file vote (so every rank stops at the same step); the step timer's mark; a metrics line and
+        the progress bar's postfix."""
         step, cfg = self.state.step, self.cfg
-        if not (step % cfg.train.log_every_steps == 0 or step == self.stop_step):
+        if not self.is_log_step(step):
             return
         counters = self.data.counters()
         stop_file = cfg.checkpoint.stop_file
@@ -215,13 +263,14 @@ class Trainer:
         bad = {k: int(reduced.pop(f"counter.{k}")) for k in counters}
         self.state.stop_requested = reduced.pop("stop_votes") > 0
         self.state.last_loss = reduced.pop("loss")
-        avg = self.timer.avg_step_time_s() or self.timer.times[-1]
+        status = self.engine.status()
+        self.timer.mark(step)  # the host has waited for the device in the reduction
+        step_time, wait = self.timer.interval()
+        avg = self.timer.avg_step_time_s() or step_time
         record = {"step": step, "samples_seen": step * self.layout.global_batch_size, "loss": self.state.last_loss,
-                  "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm,
-                  "step_time_s": self.timer.times[-1], "data_wait_s": self.timer.data_wait[-1],
+                  "lr": self.engine.lr(), "step_time_s": step_time, "data_wait_s": wait,
                   "samples_per_s": self.layout.global_batch_size / avg, "epoch": self.data.epoch(),
-                  "skipped_samples": bad, "skipped_optimizer_steps": self.engine.skipped_steps,
-                  "loss_scale": self.engine.loss_scale(), **reduced}
+                  "skipped_samples": bad, **status, **reduced}
         self.metrics.write(record)
         self.progress.show(record)
 
@@ -240,7 +289,7 @@ class Trainer:
             self.state.evals = zeroshot_eval(
                 self.engine.module, models.get_tokenizer(cfg.model.name), cfg.eval.zeroshot_data,
                 models.image_transform(cfg.model.name, is_train=False), cfg.eval.batch_size, self.device,
-                autocast_dtype(cfg.train.precision))
+                autocast_dtype(cfg.train.precision), num_workers=cfg.data.num_workers)
         self.metrics.write({"step": step, **self.state.evals})
         e = self.state.evals
         log.info("step %d zero-shot top-1 %.4f top-5 %.4f on %d images", step, e["zeroshot_top1"],
@@ -264,6 +313,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
 
+    def device_settings(self) -> Dict[str, Any]:
+        """The GPU-relevant settings this run used, for ``summary.json``."""
+        cfg, engine = self.cfg, self.engine
+        out = {"tf32": bool(cfg.train.tf32 and self.device.type == "cuda"), "optimizer": engine.optimizer_note,
+               "data_path": "synthetic on the device" if cfg.data.train_data == "synthetic"
+               else f"uint8 via {'pinned' if self.device.type == 'cuda' else 'pageable'} memory"}
+        if engine.kind == "fsdp":
+            out["fsdp_reduce_dtype"] = cfg.train.fsdp_reduce_dtype if cfg.train.precision != "fp32" else "fp32"
+        if engine.kind == "deepspeed":
+            zero = engine.ds_config.get("zero_optimization", {})
+            out["deepspeed_zero"] = {k: zero[k] for k in ("reduce_bucket_size", "allgather_bucket_size",
+                                                          "overlap_comm", "stage3_prefetch_bucket_size",
+                                                          "stage3_param_persistence_threshold") if k in zero}
+        return out
+
     def summary(self) -> Optional[Dict[str, Any]]:
         """Reduce peak memory and bad-sample counts over ranks; rank 0 writes and returns ``summary.json``."""
         cfg, layout, device, engine, state = self.cfg, self.layout, self.device, self.engine, self.state
@@ -273,6 +337,7 @@ class Trainer:
         peak_t, reserved_t = all_reduce_floats([peak, reserved], "max", device)
         counters = self.data.counters()
         bad = {k: int(v) for k, v in zip(counters, all_reduce_floats(list(counters.values()), "sum", device))}
+        status = engine.status()
         if self.rank != 0:
             return None
         avg = self.timer.avg_step_time_s()
@@ -295,10 +360,14 @@ class Trainer:
             "data_wait_fraction": self.timer.data_wait_fraction(),
             "peak_mem_gib": peak_t, "peak_mem_kind": kind,
             "peak_reserved_gib": reserved_t if device.type == "cuda" else None,
+            "cuda_overhead_gib": self.ctx.cuda_overhead_gib if device.type == "cuda" else None,
+            "peak_device_gib": reserved_t + self.ctx.cuda_overhead_gib if device.type == "cuda" else None,
             "device_memory_gib": device_memory_gib(device), "memory_budget_gib": cfg.train.memory_budget_gib,
-            "skipped_samples": bad, "skipped_optimizer_steps": engine.skipped_steps,
-            "run_dir": str(cfg.run_dir),
+            "skipped_samples": bad, "skipped_optimizer_steps": status["skipped_optimizer_steps"],
+            "run_dir": str(cfg.run_dir), **self.device_settings(),
         }
+        if self.syncs is not None:
+            summary["host_syncs_by_step"] = self.syncs_by_step
         (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary: %s", json.dumps(summary))
         return summary

@@ -49,11 +49,33 @@ def class_names_and_templates(root: str) -> Tuple[List[str], List[str], List[str
     return folders, names, templates
 
 
+class _RankShare(torch.utils.data.Dataset):
+    """This rank's strided share of ``dataset``, padded with repeats of its first image to ``length`` items so that
+    every rank runs the same number of forwards (sharded parameters are gathered collectively); items are
+    ``(image, label, counted)`` with ``counted`` False for the padding."""
+
+    def __init__(self, dataset, rank: int, world: int, length: int):
+        self.dataset = dataset
+        self.indices = list(range(rank, len(dataset), world))
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        real = i < len(self.indices)
+        image, label = self.dataset[self.indices[i] if real else (self.indices[:1] or [0])[0]]
+        return image, label, real
+
+
 @torch.no_grad()
 def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transform: Callable,
                   batch_size: int = 256, device: Optional[torch.device] = None,
-                  autocast_dtype: torch.dtype = None) -> Dict[str, float]:
+                  autocast_dtype: torch.dtype = None, num_workers: int = 0) -> Dict[str, float]:
     """Zero-shot top-1 / top-5 accuracy (fractions in [0, 1]) of a CLIP ``model`` on ImageFolder ``root``.
+
+    Images are decoded by ``num_workers`` DataLoader workers (pinned memory on CUDA) in batches of
+    ``batch_size``; counts are summed on the device and read once at the end.
 
     Args:
         model: open_clip CLIP (``encode_image``, ``encode_text``); put in eval mode for the call.
@@ -61,14 +83,16 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
         root: ImageFolder directory.
         transform: PIL -> ``[3, H, W]`` eval preprocessing.
         batch_size: images per forward per rank.
-        device: where the model lives.
+        device: where the model lives (default CPU).
         autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` to run under autocast, or None.
+        num_workers: DataLoader workers decoding the images.
 
     Returns:
         ``{"zeroshot_top1": float, "zeroshot_top5": float, "zeroshot_images": int, "zeroshot_classes": int}``;
         top-5 is over ``min(5, classes)``.
     """
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     device = device or torch.device("cpu")
@@ -76,10 +100,8 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     dataset = ImageFolder(root, transform=transform)
     assert dataset.classes == folders
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    indices = list(range(rank, len(dataset), world))
-    # every rank runs the same number of forwards: sharded parameters (ZeRO-3 / FSDP) are gathered
-    # collectively, so a rank with one image fewer must still join the last batch (its extra is not counted)
-    per_rank = -(-len(dataset) // world)
+    share = _RankShare(dataset, rank, world, -(-len(dataset) // world))
+    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -88,22 +110,18 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     with ctx:
         classifier = build_zero_shot_classifier(model, tokenizer, names, templates, num_classes_per_batch=10,
                                                 device=device)  # [embed_dim, C]
-        for start in range(0, per_rank, batch_size):
-            chunk = indices[start:start + batch_size]
-            n_real = len(chunk)
-            chunk = chunk or indices[:1] or [0]  # a filler forward, not counted
-            items = [dataset[i] for i in chunk]
-            images = torch.stack([x for x, _ in items]).to(device)  # [B, 3, H, W]
-            target = torch.tensor([y for _, y in items], device=device)[:n_real]
-            feats = model.encode_image(images, normalize=True)[:n_real]  # [B, embed_dim]
-            logits = feats.float() @ classifier.float()  # [B, C]
-            topk = logits.topk(k, dim=1).indices  # [B, k]
-            counts[0] += (topk[:, 0] == target).sum().item()
-            counts[1] += (topk == target[:, None]).any(dim=1).sum().item()
-            counts[2] += n_real
+        for images, target, counted in loader:
+            images = images.to(device, non_blocking=True)  # [B, 3, H, W]
+            target, counted = target.to(device, non_blocking=True), counted.to(device, non_blocking=True)
+            feats = model.encode_image(images, normalize=True)  # [B, embed_dim]
+            topk = (feats.float() @ classifier.float()).topk(k, dim=1).indices  # [B, k]
+            counts[0] += ((topk[:, 0] == target) & counted).sum()
+            counts[1] += ((topk == target[:, None]).any(dim=1) & counted).sum()
+            counts[2] += counted.sum()
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)
-    n = max(counts[2].item(), 1.0)
-    return {"zeroshot_top1": counts[0].item() / n, "zeroshot_top5": counts[1].item() / n,
-            "zeroshot_images": int(counts[2].item()), "zeroshot_classes": len(folders)}
+    top1, top5, n = counts.tolist()
+    n = max(n, 1.0)
+    return {"zeroshot_top1": top1 / n, "zeroshot_top5": top5 / n, "zeroshot_images": int(n),
+            "zeroshot_classes": len(folders)}

@@ -178,14 +178,41 @@ def _create_dtp(name: str, device: str) -> nn.Module:
     return model
 
 
-def image_transform(name: str, is_train: bool) -> Callable:
+def image_transform(name: str, is_train: bool, uint8: bool = False) -> Callable:
     """open_clip's preprocessing for ``name``: PIL image -> float tensor ``[3, H, W]``, normalised.
 
-    Training adds open_clip's default ``RandomResizedCrop(scale=(0.9, 1.0))``.
+    Training adds open_clip's default ``RandomResizedCrop(scale=(0.9, 1.0))``. With ``uint8`` the same
+    geometric steps end in a ``uint8`` tensor ``[3, H, W]`` (no ``ToTensor`` scaling, no ``Normalize``): what
+    crosses to the GPU, a quarter of the float bytes; :func:`normalize_uint8` on the device then gives exactly
+    the float transform's output.
     """
-    cfg = architecture(name)["vision_cfg"]
-    size = cfg["image_size"]
-    return open_clip.image_transform(size, is_train=is_train)
+    from open_clip.transform import MaybeToTensor
+    from torchvision.transforms import Compose, Normalize, PILToTensor
+
+    size = image_size(name)
+    transform = open_clip.image_transform(size, is_train=is_train)
+    if not uint8:
+        return transform
+    steps = [t for t in transform.transforms if not isinstance(t, (MaybeToTensor, Normalize))]
+    return Compose(steps + [PILToTensor()])
+
+
+def image_mean_std(name: str):
+    """``(mean, std)`` per RGB channel of ``name``'s normalisation (open_clip's OpenAI CLIP statistics)."""
+    from torchvision.transforms import Normalize
+
+    norm = next(t for t in open_clip.image_transform(image_size(name), is_train=False).transforms
+                if isinstance(t, Normalize))
+    return tuple(norm.mean), tuple(norm.std)
+
+
+def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """``uint8 [B, 3, H, W]`` -> float32 ``[B, 3, H, W]`` normalised, on the tensor's device, with the very
+    operations of torchvision's ``ToTensor`` (``float / 255``) and ``Normalize`` (``(x - mean) / std``), so the
+    result equals the CPU float transform bit for bit."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.to(torch.float32).div(255).sub_(m).div_(s)
 
 
 def get_tokenizer(name: str) -> Callable:
@@ -211,6 +238,6 @@ def image_size(name: str) -> int:
 
 __all__ = [
     "ModelSpec", "register", "list_models", "get_spec", "architecture", "create_model",
-    "image_transform", "get_tokenizer", "context_length", "image_size",
+    "image_transform", "image_mean_std", "normalize_uint8", "get_tokenizer", "context_length", "image_size",
     "CONFIG_DIR",
 ]

@@ -133,21 +133,43 @@ def _sdpa_kernel(backend: str):
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      backend: str, dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
-    """Attention within each of several packed sequences (no padding).
+    """Attention within each of several packed sequences, in one call.
 
-    ``q, k, v``: ``[T, H, d]`` (T = total tokens); ``cu_seqlens``: ``[B + 1]`` int32 offsets. Returns
-    ``[T, H, d]``. ``flash_attn`` uses ``flash_attn_varlen_func``; every other backend attends one
-    sequence at a time with :func:`attention` (no mask needed, so forced mask-less kernels run too).
+    Args:
+        q, k, v: ``[T, H, d]`` (T = total tokens).
+        cu_seqlens: ``[n + 1]`` int32 sequence offsets on the device; repeated entries (empty sequences) allowed.
+        max_seqlen: the longest sequence, a host int (static: no device read).
+        backend: ``flash_attn`` -> ``flash_attn_varlen_func`` (Dao); ``sdpa_flash`` / ``sdpa_cudnn`` on CUDA ->
+            PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.11, fp16/bf16, no dropout) under that
+            SDPA kernel; anything else (and every CPU) -> one SDPA call over all ``T`` tokens with a block-diagonal
+            mask built from ``cu_seqlens`` (a dense ``[T, T]`` reference: tests, small batches).
+        dropout_p, scale: attention dropout and softmax scale (default ``d ** -0.5``).
+
+    Returns:
+        ``[T, H, d]``.
+
+    Raises:
+        AttentionBackendError: a CUDA mask-less kernel without ``varlen_attn`` in this torch, or with dropout.
     """
     if backend == "flash_attn":
         return _require_flash_attn().flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                         dropout_p=dropout_p, softmax_scale=scale)
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, d]
-        out[start:end] = attention(qs, ks, vs, backend, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1)
-    return out
+                                                            dropout_p=dropout_p, softmax_scale=scale)
+    if q.is_cuda and backend in MASKLESS_ON_CUDA:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            raise AttentionBackendError(f"attention backend {backend}: DTP-ViT's packed segments need "
+                                        "torch.nn.attention.varlen (torch >= 2.11) or flash-attn") from None
+        if dropout_p:
+            raise AttentionBackendError(f"attention backend {backend}: varlen_attn has no attention dropout")
+        with _sdpa_kernel(backend):
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+    T = q.shape[0]
+    positions = torch.arange(T, device=q.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)  # [T] sequence of each token
+    mask = (seq[:, None] == seq[None, :])[None, None]  # [1, 1, T, T] block-diagonal, True = attend
+    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, d]
+    return attention(qs, ks, vs, backend, mask=mask, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1)
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:

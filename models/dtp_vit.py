@@ -29,6 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from models.attention import MASKLESS_ON_CUDA, TimmSelfAttention
+from models.segments import binomial_boundary_loss, segment_bound, segment_pool
 
 POOLINGS = ("mean", "mean_no_cls", "cls", "last")
 EVAL_BOUNDARIES = ("expected_count", "threshold")
@@ -76,11 +77,18 @@ class DTPConfig:
             ``reference``: the research code's path (predictor under autocast, probabilities formed
             in the autocast dtype, ``RelaxedBernoulli(probs=...)``, no clamp), kept only to reproduce
             its fp16 failures (``profiling/dtp_fp16_stress.py``).
-        varlen: attention of the shortened layers on packed (unpadded) segments, so padding costs
-            nothing: ``auto`` packs when the attention backend (:mod:`models.attention`) is ``flash_attn``
-            (``flash_attn_varlen_func``) or is a kernel that takes no padding mask on this device
-            (``sdpa_flash``/``sdpa_cudnn`` on CUDA: one image at a time), else pads with a key-padding
-            mask; ``off`` always pads; ``torch`` always packs (per-image attention: tests, CPU checks).
+        varlen: attention of the shortened layers as one variable-length call over each image's valid
+            segments (:func:`models.attention.varlen_attention`): ``auto`` does so when the attention backend
+            (:mod:`models.attention`) is ``flash_attn`` (``flash_attn_varlen_func``) or a kernel that takes no
+            padding mask on this device (``sdpa_flash``/``sdpa_cudnn`` on CUDA: PyTorch's ``varlen_attn``),
+            else one masked attention call per block (key-padding mask); ``off`` always masks; ``torch`` always
+            takes the variable-length call (a dense block-diagonal reference on a CPU: tests).
+        max_segments: the static segment count ``S`` of the shortened layers (shapes never depend on the
+            data: no host sync, no recompilation under ``torch.compile``). 0 (default): ``min(L, ceil(L p + 4
+            sqrt(L p (1 - p))))`` for the target rate ``p = 1 / compression``, four standard deviations above
+            the binomial prior's mean count (49 patches: 39 / 25 / 14 segments at 2x / 4x / 10x). An image with
+            more boundaries has its last segments merged into segment ``S``; the fraction of such images is
+            reported as ``segments_clamped``. ``L`` never clamps.
         output_dim: CLIP embedding width.
     """
 
@@ -102,6 +110,7 @@ class DTPConfig:
     eval_boundaries: str = "expected_count"
     numerics: str = "safe"
     varlen: str = "auto"
+    max_segments: int = 0
     output_dim: int = 512
 
     def __post_init__(self):
@@ -122,69 +131,19 @@ class DTPConfig:
             raise ValueError(f"dtp_cfg.varlen: {self.varlen!r} is not one of {', '.join(VARLEN)}")
         if not self.compression >= 1:
             raise ValueError(f"dtp_cfg.compression: must be >= 1, got {self.compression}")
+        if self.max_segments < 0:
+            raise ValueError(f"dtp_cfg.max_segments: must be >= 0 (0: from the target rate), got {self.max_segments}")
         if self.post_layers and not self.upsample:
             raise ValueError("dtp_cfg.post_layers: only used with upsample=true")
-
-
-def binomial_boundary_loss(boundaries: torch.Tensor, rate: float) -> torch.Tensor:
-    """Negative log-likelihood of the boundary count under Binomial(L, rate), per token.
-
-    ``loss = -mean_b log Binomial(k_b; L, rate) / L`` with ``k_b = sum_t boundaries[b, t]``, in closed
-    form with ``lgamma`` (``torch.distributions.Binomial`` validates integer counts, which a
-    straight-through ``k`` is only in value). From Nawrot et al. 2023 (``dynamic-pooling``).
-
-    Args:
-        boundaries: ``[B, L]`` (straight-through) boundary indicators, fp32.
-        rate: target boundary rate ``p`` in (0, 1].
-
-    Returns:
-        Scalar fp32 tensor; differentiable w.r.t. ``boundaries``.
-    """
-    L = boundaries.shape[1]
-    k = boundaries.sum(dim=1)  # [B]
-    p = min(max(rate, 1e-6), 1 - 1e-6)
-    log_pmf = (math.lgamma(L + 1) - torch.lgamma(k + 1) - torch.lgamma(L - k + 1)
-               + k * math.log(p) + (L - k) * math.log1p(-p))
-    return -log_pmf.mean() / L
-
-
-def segment_pool(x: torch.Tensor, boundaries: torch.Tensor, hard: torch.Tensor
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Average tokens into variable-length segments ending at boundaries.
-
-    The segment id of token t is the number of boundaries strictly before t (``cumsum(b) - b``).
-    Membership weights are ``1 - (s - id_t)`` where ``s == id_t`` and 0 elsewhere: numerically 1,
-    but differentiable in the straight-through boundaries, so the task loss reaches the boundary
-    predictor (a plain ``==`` mask would cut that path; idea from ``dynamic-pooling``'s ``downsample``).
-
-    Args:
-        x: ``[B, L, D]`` token features (fp32).
-        boundaries: ``[B, L]`` straight-through boundaries (values 0/1, gradients of the soft ones);
-            the last token must be a boundary.
-        hard: ``[B, L]`` the same boundaries as plain 0/1 values.
-
-    Returns:
-        ``(segments [B, S, D], valid [B, S] bool, weights [B, L, S])`` with ``S`` the largest segment
-        count in the batch; padded segments are all-zero and ``valid`` False.
-    """
-    n_segments = int(hard.sum(dim=1).max().item())  # a host sync: S sets the shortened sequence length
-    seg_id = boundaries.cumsum(dim=1) - boundaries  # [B, L]
-    offset = torch.arange(n_segments, device=x.device, dtype=x.dtype)[None, None, :] - seg_id[..., None]  # [B, L, S]
-    member = offset == 0  # [B, L, S]
-    weights = torch.where(member, 1.0 - offset, torch.zeros_like(offset))  # value 1 on members
-    counts = member.sum(dim=1, keepdim=True).to(x.dtype)  # [B, 1, S] tokens per segment (no grad)
-    weights_mean = weights / counts.clamp(min=1.0)
-    segments = torch.einsum("bls,bld->bsd", weights_mean, x)  # [B, S, D]
-    valid = counts.squeeze(1) > 0  # [B, S]
-    return segments, valid, weights
 
 
 class DTPViT(nn.Module):
     """DTP-ViT image tower with open_clip's visual-tower interface: ``forward(image [B, 3, H, W]) ->
     [B, output_dim]``, ``set_grad_checkpointing``, ``image_size``, ``output_dim``.
 
-    After each forward, ``last_stats`` holds detached fp32 scalars (``shortening_factor`` = L / mean
-    segments, ``boundary_rate``, ``segments_mean``, ``segments_max``, ``boundary_loss``) and
+    After each forward, ``last_stats`` holds detached fp32 scalars, device tensors never read on the host here
+    (``shortening_factor`` = L / mean segments, ``boundary_rate``, ``segments_mean``, ``segments_max``,
+    ``segments_clamped`` (fraction of images past ``max_segments``), ``boundary_loss``) and
     :meth:`extra_losses` returns the weighted boundary loss (training only) for the trainer to add.
 
     ``boundary_mode``: ``"learned"`` (default) or ``"nominal"`` (fixed evenly spaced boundaries every
@@ -211,6 +170,7 @@ class DTPViT(nn.Module):
                                                  attn_layer=TimmSelfAttention) for _ in range(n)])
         self.pre_blocks = make(cfg.pre_layers)
         hidden = cfg.predictor_hidden or D
+        self.max_segments = segment_bound(self.num_patches, cfg.compression, cfg.max_segments)
         self.boundary_predictor = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
         with torch.no_grad():  # start at the target rate: P(boundary) = sigmoid(bias) = 1 / compression,
             # the output layer zeroed so random features do not swamp it (it learns from step one)
@@ -276,7 +236,7 @@ class DTPViT(nn.Module):
                 hard = (logits > 0).float()
                 b = hard
             else:  # deterministic at eval (repeatable zero-shot), with training's expected boundary count
-                k = torch.sigmoid(logits).sum(dim=1).round().clamp(min=1)  # [B]
+                k = torch.sigmoid(logits).sum(dim=1).round().clamp(min=1, max=self.max_segments)  # [B]
                 rank = logits.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # [B, L] 0 = top logit
                 hard = (rank < k[:, None]).float()
                 b = hard
@@ -303,22 +263,26 @@ class DTPViT(nn.Module):
         return backend == "flash_attn" or (tokens.is_cuda and backend in MASKLESS_ON_CUDA)
 
     def shortened_forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Shortened layers on ``tokens [B, 1+S, D]`` (CLS first) with key-padding ``valid [B, 1+S]``.
+        """Shortened layers on ``tokens [B, N, D]`` (``N = 1 + S``, CLS first, valid tokens first in each row)
+        with key-padding ``valid [B, N]``: one attention call per block either way.
 
-        Packed (``DTPConfig.varlen``): the valid tokens are gathered to ``[T, D]`` and every block runs on
-        them with per-image attention (:func:`models.attention.varlen_attention`); padded rows come back as zeros.
+        Variable-length (``DTPConfig.varlen``): the ``[B, N]`` rows are flattened to ``[B N, D]`` and described
+        as ``2 B`` packed sequences, each image's valid tokens followed by its padding (``cu_seqlens [2 B + 1]``,
+        static length, empty sequences where an image fills its row; ``max_seqlen = N``), so one
+        :func:`models.attention.varlen_attention` call attends within each image; padding rows attend among
+        themselves and are zeroed. No gather or host sync: every shape is static.
         """
         if not self._packs(tokens):
             return self._run(self.shortened_blocks, tokens, valid)
+        B, N, D = tokens.shape
         lengths = valid.sum(dim=1, dtype=torch.int32)  # [B]
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
-        max_len = int(lengths.max())
-        index = valid.flatten().nonzero().squeeze(1)  # [T] rows of the flattened [B * (1+S)] tokens
-        x = tokens.flatten(0, 1).index_select(0, index)  # [T, D]
+        starts = torch.arange(B, device=tokens.device, dtype=torch.int32) * N
+        cu_seqlens = torch.cat([torch.stack([starts, starts + lengths], dim=1).flatten(),
+                                starts.new_full((1,), B * N)])  # [2B + 1]
+        x = tokens.reshape(B * N, D)
         for blk in self.shortened_blocks:
-            x = blk(x, packed=(cu_seqlens, max_len))
-        out = tokens.new_zeros(tokens.shape[0] * tokens.shape[1], tokens.shape[2])
-        return out.index_copy(0, index, x).view_as(tokens)
+            x = blk(x, packed=(cu_seqlens, N))
+        return x.view(B, N, D) * valid[..., None].to(x.dtype)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.conv1(image)  # [B, D, g, g]
@@ -329,7 +293,7 @@ class DTPViT(nn.Module):
         cls, patches = x[:, :1], x[:, 1:]  # [B, 1, D], [B, L, D]
         b, hard = self.boundaries(patches)
         with torch.autocast(x.device.type, enabled=False):
-            segments, valid, weights = segment_pool(patches.float(), b, hard)  # [B, S, D], [B, S], [B, L, S]
+            segments, valid, weights = segment_pool(patches.float(), b, self.max_segments)  # [B,S,D] [B,S] [B,L,S]
         valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # CLS always valid: no empty row
         y = self.shortened_forward(torch.cat([cls, segments.to(x.dtype)], dim=1), valid)  # [B, 1+S, D]
         if self.cfg.upsample:
@@ -357,7 +321,8 @@ class DTPViT(nn.Module):
         return (y * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
     def _record(self, b: torch.Tensor, hard: torch.Tensor) -> None:
-        segs = hard.sum(dim=1)  # [B]
+        raw = hard.sum(dim=1)  # [B] boundaries drawn
+        segs = raw.clamp(max=self.max_segments)  # [B] segments the shortened layers ran on
         L = hard.shape[1]
         with torch.autocast(b.device.type, enabled=False):
             loss = binomial_boundary_loss(b, 1.0 / self.cfg.compression) if self.boundary_mode == "learned" \
@@ -365,6 +330,7 @@ class DTPViT(nn.Module):
         self._boundary_loss = loss if self.training and self.boundary_mode == "learned" else None
         self.last_stats = {"shortening_factor": (L / segs.mean()).detach(), "boundary_rate": hard.mean().detach(),
                            "segments_mean": segs.mean().detach(), "segments_max": segs.max().detach(),
+                           "segments_clamped": (raw > self.max_segments).float().mean().detach(),
                            "boundary_loss": loss.detach()}
 
     def extra_losses(self) -> Dict[str, torch.Tensor]:

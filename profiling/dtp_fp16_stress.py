@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 from harness.cli import ensure_digits  # noqa: E402
-from harness.config import DataConfig  # noqa: E402
+from harness.config import BatchLayout, DataConfig  # noqa: E402
 from harness.data import build_train_loader  # noqa: E402
 from harness.metrics import dump_result  # noqa: E402
 
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     scaler = torch.amp.GradScaler(device.type)
-    loader = build_train_loader(DataConfig(train_data=args.data, num_workers=1), args.model, args.batch, 0, 0, 1)
+    layout = BatchLayout(args.batch, 1, 1, args.batch)
+    loader = iter(build_train_loader(DataConfig(train_data=args.data, num_workers=1), args.model, layout, 0, 0,
+                                     torch.device("cpu")))
     bad_loss = bad_grad = bad_param = skipped = 0
     first_bad, error = None, None
     sfs = []
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
         batch = next(it)
         try:
             with torch.autocast(device.type, dtype=torch.float16):
-                out = model(batch["image"].to(device), batch["text"].to(device))
+                images = models.normalize_uint8(batch["image"].to(device), *models.image_mean_std(args.model))
+                out = model(images, batch["text"].to(device))
                 loss = loss_fn(out["image_features"].float(), out["text_features"].float(),
                                out["logit_scale"].float().clamp(max=100))
                 loss = loss + sum(v.float() for v in model.visual.extra_losses().values())

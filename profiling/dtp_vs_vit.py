@@ -25,21 +25,26 @@ import models  # noqa: E402
 from harness.metrics import dump_result, saved_activation_bytes  # noqa: E402
 
 
-def activation_bytes(tower: torch.nn.Module, images: torch.Tensor) -> int:
+def activation_bytes(tower: torch.nn.Module, images: torch.Tensor, dtype=None) -> int:
     """Bytes autograd saves for backward in one forward of ``tower(images)``, parameters excluded."""
-    with saved_activation_bytes(exclude=tower.parameters()) as saved:
+    with saved_activation_bytes(exclude=tower.parameters()) as saved, _autocast(images, dtype):
         out = tower(images)
     out.float().pow(2).mean().backward()
     tower.zero_grad(set_to_none=True)
     return saved["bytes"]
 
 
-def step_times(tower: torch.nn.Module, images: torch.Tensor, warmup: int, steps: int) -> list:
-    opt = torch.optim.AdamW(tower.parameters(), lr=1e-4)
+def _autocast(images: torch.Tensor, dtype):
+    return torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def step_times(tower: torch.nn.Module, images: torch.Tensor, warmup: int, steps: int, dtype=None) -> list:
+    opt = torch.optim.AdamW(tower.parameters(), lr=1e-4, fused=True)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss = tower(images).float().pow(2).mean()
+        with _autocast(images, dtype):
+            loss = tower(images).float().pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    p.add_argument("--attention", default="sdpa", help="attention backend of both towers (models.attention)")
     p.add_argument("--out", help="also write the figures as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -67,10 +74,13 @@ def main(argv=None) -> int:
         p.error("--dtp and --vit must take the same image size")
     images = torch.randn(args.batch, 3, size, size, device=device)
     rows = {}
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     for name in (args.vit, args.dtp):
-        tower = models.create_model(name).visual.to(device).train()
-        act = activation_bytes(tower, images)
-        times = step_times(tower, images, args.warmup, args.steps)
+        tower = models.create_model(name, attention=args.attention).visual.to(device).train()
+        act = activation_bytes(tower, images, dtype)
+        times = step_times(tower, images, args.warmup, args.steps, dtype)
         stats = getattr(tower, "last_stats", {})
         rows[name] = {"step_time_s": statistics.median(times), "step_times_s": times,
                       "activation_gib": act / 2**30,
@@ -81,6 +91,7 @@ def main(argv=None) -> int:
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "batch": args.batch, "warmup_steps_excluded": args.warmup, "measured_steps": args.steps,
+        "precision": args.precision, "attention": args.attention,
         "models": rows,
         "step_time_speedup": v["step_time_s"] / d["step_time_s"],
         "activation_memory_saving": 1 - d["activation_gib"] / v["activation_gib"],

@@ -47,7 +47,7 @@ def run_open_clip(args, samples: int, env) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "open_clip_train.main", "--model", args.model, "--dataset-type", "synthetic",
                "--train-num-samples", str(samples), "--batch-size", str(args.batch), "--epochs", "1",
-               "--precision", {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision], "--workers", "0",
+               "--precision", {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision], "--workers", str(args.workers),
                "--lr", "5e-4", "--warmup", "0", "--log-every-n-steps", "1", "--save-frequency", "0",
                "--local-loss", "--gather-with-grad", "--logs", tmp, "--name", "peer", "--report-to", "", "--seed", "0"]
         proc, rss = run_measured(cmd, cwd=tmp, env=env)
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=1, help="alternate the two runs this many times; medians reported")
+    p.add_argument("--workers", type=int, default=0, help="open_clip's data workers (its synthetic images are made "
+                   "on the CPU; give a GPU run enough of them)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     import os

@@ -7,7 +7,8 @@ import torch
 from open_clip import ClipLoss
 
 import models
-from models.dtp_vit import DTPConfig, DTPViT, binomial_boundary_loss, segment_pool
+from models.dtp_vit import DTPConfig, DTPViT
+from models.segments import binomial_boundary_loss, segment_pool
 
 MICRO = "DTP-ViT-micro-8-2x"
 
@@ -64,10 +65,51 @@ def test_clip_loss_gradient_reaches_boundary_predictor(trained):
 def test_segment_pool_means_and_mask():
     x = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2)  # tokens 0..5
     hard = torch.tensor([[0, 1, 0, 0, 0, 1.0]])  # segments {0,1}, {2,3,4,5}
-    seg, valid, weights = segment_pool(x, hard, hard)
-    assert seg.shape == (1, 2, 2) and valid.tolist() == [[True, True]]
+    seg, valid, weights = segment_pool(x, hard, 3)  # three static slots, two used
+    assert seg.shape == (1, 3, 2) and valid.tolist() == [[True, True, False]]
     assert torch.allclose(seg[0, 0], x[0, :2].mean(0)) and torch.allclose(seg[0, 1], x[0, 2:].mean(0))
+    assert torch.all(seg[0, 2] == 0)
     assert weights.sum().item() == 6  # each token belongs to exactly one segment
+
+
+def test_segments_past_the_static_bound_merge_into_the_last_slot():
+    x = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2)
+    hard = torch.tensor([[1, 0, 1, 0, 1, 1.0]])  # four segments {0}, {1,2}, {3,4}, {5}
+    seg, valid, _ = segment_pool(x, hard, 2)
+    assert valid.tolist() == [[True, True]]
+    assert torch.allclose(seg[0, 0], x[0, 0]) and torch.allclose(seg[0, 1], x[0, 1:].mean(0))
+
+
+def test_segment_bound_from_the_target_rate():
+    from models.segments import segment_bound
+
+    assert [segment_bound(49, c) for c in (2, 4, 10)] == [39, 25, 14]  # mean + 4 binomial standard deviations
+    assert segment_bound(4, 2) == 4 and segment_bound(49, 10, max_segments=60) == 49
+
+
+@pytest.mark.parametrize("varlen", ["off", "torch"])
+def test_forward_reads_nothing_on_the_host_and_attends_once_per_block(varlen):
+    """No host read of a device value in a training or eval forward (the segment count is static), and one
+    SDPA call per transformer block of the tower, padded or variable-length (no call per image)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func] = self.ops.get(func, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    tower = _tower(varlen=varlen)
+    blocks = tower.cfg.pre_layers + tower.cfg.shortened_layers
+    for train in (True, False):
+        tower.train(train)
+        with Count() as count:
+            tower(torch.randn(5, 3, 32, 32))
+        assert count.ops.get(torch.ops.aten._local_scalar_dense.default, 0) == 0
+        assert count.ops.get(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, 0) == blocks
 
 
 def test_binomial_prior_matches_scipy_and_is_differentiable():

@@ -18,7 +18,8 @@ from tests.test_train import _args, _assert_same_trajectory
 def _synthetic_args(out: Path, name: str, micro: int, *extra: str):
     return ["--config", "synthetic", "--model", "ViT-micro-8", "--output-dir", str(out), "--run-name", name,
             "--micro-batch-size", str(micro), "--global-batch-size", "16", "--train-samples", "128",
-            "train.progress_bar=false", "optim.lr=0.002", "checkpoint.save_final=false", *extra]
+            "train.progress_bar=false", "train.log_every_steps=1", "optim.lr=0.002", "checkpoint.save_final=false",
+            *extra]
 
 
 # (launch config, extra flags, rank 0's expected share of the parameter elements)
@@ -127,10 +128,12 @@ def test_every_launch_config_loads_and_fills_its_deepspeed_json():
         assert ("offload_optimizer" in zero) == path.stem.endswith("offload")
         for precision in ("fp32", "bf16", "fp16"):
             cfg = from_dict({"train": {"micro_batch_size": 8, "global_batch_size": 64, "precision": precision}})
-            ds = deepspeed_config(base, cfg, batch_layout(cfg.train, world_size=4))
+            ds = deepspeed_config(base, cfg, batch_layout(cfg.train, world_size=4), num_params=151_000_000)
             assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
                     ds["train_batch_size"]) == (8, 2, 64)
             assert '"auto"' not in json.dumps(ds)  # no value left as "auto"
+            assert ds["zero_optimization"]["reduce_bucket_size"] == 151_000_000 // 16  # sized from the model
+            assert ds["timers"]["throughput"]["enabled"] is False  # no device sync per step
             assert not ds["bf16"]["enabled"]  # bf16 runs as torch_autocast: logit_scale stays an fp32 parameter
             autocast = precision == "bf16" or (precision == "fp16" and zero["stage"] == 0)
             assert ds["torch_autocast"]["enabled"] == autocast

@@ -121,3 +121,25 @@ def test_dtp_model_trains_and_logs_boundary_metrics_every_step(tmp_path, digits_
         assert 1.0 <= r["shortening_factor"] <= 4.0 and r["boundary_loss"] > 0
     summary = json.loads((tmp_path / "dtp" / "summary.json").read_text())
     assert summary["model"] == "DTP-ViT-micro-8-2x" and summary["zeroshot_top1"] is not None
+
+
+def test_no_host_reads_of_device_values_outside_log_steps(tmp_path):
+    """``train.count_host_syncs`` counts ``aten._local_scalar_dense`` calls (``.item()``, ``float(t)``...: a
+    host-device synchronisation each on a GPU) per optimizer step, data loading excluded. With the default fused
+    AdamW no step between log steps has any, for ViT and DTP-ViT; the for-loop AdamW reads every parameter's
+    step counter (so the counter does see host reads)."""
+    def syncs(name, *extra):
+        train_py(["--config", "synthetic", "--model", "ViT-micro-8", "--micro-batch-size", "8",
+                  "--train-samples", "96", "--output-dir", str(tmp_path), "--run-name", name,
+                  "train.log_every_steps=4", "train.timing_warmup_steps=2", "train.count_host_syncs=true",
+                  "train.progress_bar=false", *extra])
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        return {int(k): v for k, v in summary["host_syncs_by_step"].items()}
+
+    log_steps = {1, 2, 4, 8, 12}  # the first, the end of the warm-up, every 4th, the last
+    for name, extra in (("vit", ()), ("dtp", ("--model", "DTP-ViT-micro-8-2x"))):
+        counts = syncs(name, *extra)
+        assert sorted(counts) == list(range(1, 13))
+        assert {s: n for s, n in counts.items() if s not in log_steps and n} == {}, counts
+    loop = syncs("for-loop-adamw", "optim.fused=false")
+    assert all(n > 0 for s, n in loop.items() if s not in log_steps), loop

@@ -13,7 +13,7 @@ compile, FSDP2 or DDP, in torchtitan's order); DeepSpeed wraps its own. The trai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Dict, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,19 +31,17 @@ class Engine(Protocol):
         precision_note: how the precision is applied, for the start-up log line.
         zero_stage: the DeepSpeed ZeRO stage, None for the other engines.
         module: the unwrapped ``nn.Module`` (parameters, ``visual``, state dicts).
-        grad_norm: global gradient L2 norm of the last optimizer step (None before the first, or without
-            clipping where the engine does not compute it).
-        skipped_steps: optimizer steps skipped for overflowing fp16 gradients.
+        optimizer_note: the optimizer and its implementation (``"AdamW (fused)"``), for the summary.
+
+    The step reads no device value on the host: what it measures stays on the device (:meth:`step_metrics`)
+    until a log step asks for it (:meth:`status`).
     """
 
     kind: str
     precision_note: str
     zero_stage: Optional[int]
     module: nn.Module
-    grad_norm: Optional[float]
-
-    @property
-    def skipped_steps(self) -> int: ...
+    optimizer_note: str
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``image [B, 3, H, W]``, ``text [B, L]`` -> open_clip's output dict (features, ``logit_scale``)."""
@@ -55,11 +53,16 @@ class Engine(Protocol):
         """Count a micro batch; at the accumulation boundary clip, step the optimizer and the LR schedule.
         Returns True when an optimizer step was taken (or skipped for overflow)."""
 
+    def step_metrics(self) -> Dict[str, torch.Tensor]:
+        """Device scalars of the last optimizer step (``grad_norm``: the global gradient L2 norm), not read on
+        the host; empty where the engine does not compute them."""
+
+    def status(self) -> Dict[str, Any]:
+        """``{"skipped_optimizer_steps": int, "loss_scale": float or None}``: reads device values, so only at log
+        steps and at the end."""
+
     def lr(self) -> float:
         """The LR of the next optimizer step."""
-
-    def loss_scale(self) -> Optional[float]:
-        """The current fp16 loss scale, or None without loss scaling."""
 
     def num_parameters(self) -> int:
         """Trainable parameters, full size even when sharded."""

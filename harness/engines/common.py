@@ -1,7 +1,7 @@
 """Pieces every engine shares: AdamW with open_clip's parameter groups, the fp16 loss scale, parameter counts."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -21,18 +21,47 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: nn.Module, cfg: JobConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` with ``optim.*`` hyper-parameters: ``torch.optim.AdamW``, or with
-    ``cpu_offload`` (ZeRO-Offload: the step runs on the CPU where the offloaded states live) DeepSpeed's
-    ``DeepSpeedCPUAdam`` in AdamW mode, whose C++ op is built on first use (about 50 s on a 2-core
-    machine; cached in ``~/.cache/torch_extensions``)."""
+def build_optimizer(model: nn.Module, cfg: JobConfig, device: torch.device, cpu_offload: bool = False,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` with ``optim.*`` hyper-parameters: ``torch.optim.AdamW`` (fused with
+    ``optim.fused``: one kernel, no host reads of step counters or of the fp16 overflow flag), or with
+    ``cpu_offload`` (ZeRO-Offload: the step runs on the CPU where the offloaded
+    states live) DeepSpeed's ``DeepSpeedCPUAdam`` in AdamW mode, whose C++ op is built on first use (about 50 s
+    on a 2-core machine; cached in ``~/.cache/torch_extensions``). ``fused`` overrides ``optim.fused``."""
     o = cfg.optim
     groups, hyper = param_groups(model, o.weight_decay), dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, weight_decay=o.weight_decay, adamw_mode=True, **hyper)
-    return torch.optim.AdamW(groups, **hyper)
+    return torch.optim.AdamW(groups, fused=(cfg.optim.fused if fused is None else fused) or None, **hyper)
+
+
+def optimizer_note(optimizer: torch.optim.Optimizer) -> str:
+    """``"AdamW (fused)"``, ``"AdamW (foreach)"``, ``"DeepSpeedCPUAdam"``...: what steps the parameters."""
+    name = type(optimizer).__name__
+    impl = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
+    return f"{name} ({impl})" if impl else name
+
+
+class ScaleWatch:
+    """Counts optimizer steps skipped by a dynamic loss scale on the device: a step whose scale went down was an
+    overflow (``GradScaler`` halves the scale then). Call :meth:`before` before ``scaler.step`` and :meth:`after`
+    after ``scaler.update``; :meth:`count` reads the device (log steps only)."""
+
+    def __init__(self, scaler, device: torch.device):
+        self.scaler = scaler
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._prev: Optional[torch.Tensor] = None
+
+    def before(self) -> None:
+        self._prev = self.scaler._get_scale_async().detach().clone()
+
+    def after(self) -> None:
+        self.skipped += (self.scaler._get_scale_async() < self._prev).to(torch.int64).reshape(())
+
+    def count(self) -> int:
+        return int(self.skipped.item())
 
 
 def make_grad_scaler(cfg: JobConfig, device_type: str, scaler_cls=None):

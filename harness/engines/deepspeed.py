@@ -20,7 +20,7 @@ from torch import nn
 
 from harness.config import BatchLayout, JobConfig
 from harness.distributed import LaunchInfo
-from harness.engines.common import build_optimizer, make_grad_scaler, num_parameters
+from harness.engines.common import ScaleWatch, build_optimizer, make_grad_scaler, num_parameters, optimizer_note
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,24 @@ def uses_cpu_offload(ds_config: Dict[str, Any]) -> bool:
     return device in ("cpu", "nvme")
 
 
-def deepspeed_config(base: Dict[str, Any], cfg: JobConfig, layout: BatchLayout) -> Dict[str, Any]:
+BUCKET_MIN, BUCKET_MAX = 2 ** 22, 5 * 10 ** 8  # elements: 16 MiB of fp32; DeepSpeed's own default
+
+
+def bucket_sizes(num_params: int) -> Dict[str, int]:
+    """``"auto"`` ZeRO communication sizes from the model's parameter count ``P`` (elements):
+    ``reduce_bucket_size`` = ``allgather_bucket_size`` = P / 16 within [4M, 5e8] (about 16 reductions per backward,
+    so they overlap with it, and a few hundred MB of buckets at most: DeepSpeed's fixed 5e8 is 1.86 GiB per fp32
+    buffer, and ZeRO-1/2 under ``torch_autocast`` keep two per communication dtype, 7.45 GiB, whatever the model);
+    ``stage3_prefetch_bucket_size`` = P / 32 (about one transformer block ahead). Accelerate and transformers fill
+    the same keys from ``hidden_size`` squared."""
+    bucket = int(min(BUCKET_MAX, max(BUCKET_MIN, num_params // 16)))
+    return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": int(min(BUCKET_MAX, max(BUCKET_MIN // 4, num_params // 32)))}
+
+
+def deepspeed_config(base: Dict[str, Any], cfg: JobConfig, layout: BatchLayout, num_params: int) -> Dict[str, Any]:
     """The DeepSpeed config: ``base`` (the launch JSON) with the job's batch, clipping and precision
-    (:func:`deepspeed_precision`).
+    (:func:`deepspeed_precision`), and ``"auto"`` bucket sizes from the parameter count (:func:`bucket_sizes`).
 
     Values in ``base`` for batch and clipping are replaced (``"auto"`` or not); a differing explicit
     value is logged so the user sees which one wins (the job config).
@@ -82,7 +97,13 @@ def deepspeed_config(base: Dict[str, Any], cfg: JobConfig, layout: BatchLayout) 
             log.warning("deepspeed config: %s=%r replaced by the job config's %r", key, out[key], value)
         out[key] = value
     out.update(deepspeed_precision(cfg, out.get("zero_optimization", {}).get("stage", 0), out))
+    zero = out.setdefault("zero_optimization", {})
+    for key, value in bucket_sizes(num_params).items():
+        if zero.get(key) == "auto":
+            zero[key] = value
     out["zero_allow_untested_optimizer"] = True  # our client AdamW (torch.optim) under ZeRO
+    # DeepSpeed's throughput timer synchronises the device at every forward and step: off unless asked for
+    out.setdefault("timers", {"throughput": {"enabled": False}})
     out.setdefault("steps_per_print", 10**9)
     out.setdefault("wall_clock_breakdown", False)
     return out
@@ -105,9 +126,10 @@ class DeepSpeedEngine:
         base: Dict[str, Any] = {"zero_optimization": {"stage": launch.zero_stage or 0}}
         if launch.deepspeed_config_path:
             base = json.loads(Path(launch.deepspeed_config_path).read_text())
-        self.ds_config = deepspeed_config(base, cfg, layout)
+        self.ds_config = deepspeed_config(base, cfg, layout, num_parameters(model))
         self.device = device
-        optimizer = build_optimizer(model, cfg, cpu_offload=uses_cpu_offload(self.ds_config))
+        optimizer = build_optimizer(model, cfg, device, cpu_offload=uses_cpu_offload(self.ds_config))
+        self.optimizer_note = optimizer_note(optimizer)
         scheduler = scheduler_fn(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
@@ -116,23 +138,23 @@ class DeepSpeedEngine:
         # native fp16 keeps half-precision weights, so inputs must be cast; torch_autocast keeps fp32 weights
         self.input_dtype = torch.float16 if self.ds_config["fp16"]["enabled"] else None
         self.grad_scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        self.scale_watch = None
         if self.grad_scaler is not None:  # DeepSpeed builds it with torch's defaults: use the job's loss scale
             self.grad_scaler = self.engine.torch_autocast_z0_gradscaler = make_grad_scaler(cfg, device.type)
-        self.scaler_skips = 0
-        self.grad_norm: Optional[float] = None
+            self.scale_watch = ScaleWatch(self.grad_scaler, device)
+        self.grad_norm: Optional[torch.Tensor] = None
 
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for overflowing fp16 gradients (DeepSpeed's count, or the ZeRO-0 scaler's)."""
-        return int(getattr(self.engine, "skipped_steps", 0)) + self.scaler_skips
+    def status(self) -> Dict[str, Any]:
+        """Skipped steps (DeepSpeed's count, or the ZeRO-0 scaler's) and the fp16 loss scale (log steps only)."""
+        skipped = int(getattr(self.engine, "skipped_steps", 0))
+        if self.scale_watch is not None:
+            return {"skipped_optimizer_steps": skipped + self.scale_watch.count(),
+                    "loss_scale": float(self.grad_scaler.get_scale())}
+        scale = float(self.engine.optimizer.loss_scale) if self.ds_config["fp16"]["enabled"] else None
+        return {"skipped_optimizer_steps": skipped, "loss_scale": scale}
 
-    def loss_scale(self) -> Optional[float]:
-        """The current fp16 loss scale, or None without loss scaling."""
-        if self.grad_scaler is not None:
-            return float(self.grad_scaler.get_scale())
-        if self.ds_config["fp16"]["enabled"]:
-            return float(self.engine.optimizer.loss_scale)
-        return None
+    def step_metrics(self) -> Dict[str, torch.Tensor]:
+        return {"grad_norm": self.grad_norm} if self.grad_norm is not None else {}
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.input_dtype is not None:
@@ -143,14 +165,21 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
 
     def step(self) -> bool:
+        """DeepSpeed's step. Its own host reads per step (ZeRO 1-3 check the gradient norm for inf/nan; native
+        fp16 checks overflow) remain; the throughput timer's synchronisations are switched off in the config."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None and boundary else None
+        watch = self.scale_watch if boundary else None
+        if watch is not None:
+            watch.before()
         self.engine.step()
-        if scale is not None:
-            self.scaler_skips += int(self.grad_scaler.get_scale() < scale)
+        if watch is not None:
+            watch.after()
         if boundary:
-            norm = self.engine.get_global_grad_norm()
-            self.grad_norm = float(norm) if norm is not None else None
+            norm = self.engine.get_global_grad_norm()  # a device tensor at ZeRO 1-3, the float inf after a skip
+            if isinstance(norm, torch.Tensor):
+                self.grad_norm = norm.detach().float().reshape(())
+            elif norm is not None:  # a device fill from a host float: no sync
+                self.grad_norm = torch.full((), float(norm), device=self.device)
         return boundary
 
     def lr(self) -> float:

@@ -32,6 +32,9 @@ class FSDPEngine(LocalEngine):
 
     kind = "fsdp"
     precision_note = "(FSDP2 mixed precision + autocast)"
+    # fused AdamW over DTensor parameters ignores the scaler's overflow flag (torch 2.15, CPU: the overflowing
+    # step was applied, NaN weights): with fp16 the foreach AdamW steps, and GradScaler reads the flag on the host
+    fused_with_loss_scale = False
 
     def _make_scaler(self, cfg: JobConfig):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from harness.config import BatchLayout, JobConfig
-from harness.engines.common import build_optimizer, make_grad_scaler, num_parameters
+from harness.engines.common import ScaleWatch, build_optimizer, make_grad_scaler, num_parameters, optimizer_note
 from harness.hardware import autocast_dtype
 
 
@@ -22,26 +22,34 @@ class LocalEngine:
     stays an fp32 parameter and the loss is computed in fp32); ``fp16`` adds a dynamic loss scale
     (``GradScaler`` with ``train.loss_scale_init`` and growth every ``train.loss_scale_window`` overflow-free
     steps): a step whose gradients overflow is skipped, the scale halves, and the step is counted in
-    ``skipped_steps``. Clipping is by global L2 norm (``torch.nn.utils.clip_grad_norm_``).
+    ``skipped_optimizer_steps``. Clipping is by global L2 norm (``torch.nn.utils.clip_grad_norm_``).
+
+    No device value is read on the host in the step: the gradient norm and the overflow count stay on the
+    device (with a fused AdamW, ``GradScaler.step`` decides an overflow skip on the device too; a non-fused
+    optimizer makes it read one flag).
     """
 
     kind = "local"
     precision_note = "(autocast)"
     zero_stage = None
+    fused_with_loss_scale = True  # fused AdamW honours GradScaler's on-device overflow flag here
 
     def __init__(self, model: nn.Module, cfg: JobConfig, layout: BatchLayout, scheduler_fn, device: torch.device):
         self.device = device
         self.model = model
         self.module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        self.optimizer = build_optimizer(self.module, cfg)
+        fp16 = cfg.train.precision == "fp16"
+        self.optimizer = build_optimizer(self.module, cfg, device,
+                                         fused=None if self.fused_with_loss_scale or not fp16 else False)
+        self.optimizer_note = optimizer_note(self.optimizer)
         self.scheduler = scheduler_fn(self.optimizer)
         self.accum = layout.grad_accum_steps
         self.clip = cfg.optim.grad_clip_norm
         self.dtype = autocast_dtype(cfg.train.precision)
-        self.scaler = self._make_scaler(cfg) if cfg.train.precision == "fp16" else None
+        self.scaler = self._make_scaler(cfg) if fp16 else None
+        self.scale_watch = ScaleWatch(self.scaler, device) if self.scaler else None
         self.micro = 0
-        self.grad_norm: Optional[float] = None
-        self.skipped_steps = 0
+        self.grad_norm: Optional[torch.Tensor] = None
 
     def _make_scaler(self, cfg: JobConfig):
         return make_grad_scaler(cfg, self.device.type)
@@ -71,21 +79,27 @@ class LocalEngine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.clip is not None:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+            self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         if self.scaler:
-            scale = self.scaler.get_scale()
+            self.scale_watch.before()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.skipped_steps += int(self.scaler.get_scale() < scale)
+            self.scale_watch.after()
         else:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    def loss_scale(self) -> Optional[float]:
-        """The current fp16 loss scale, or None without loss scaling."""
-        return float(self.scaler.get_scale()) if self.scaler else None
+    def step_metrics(self) -> Dict[str, torch.Tensor]:
+        return {"grad_norm": self.grad_norm.detach()} if self.grad_norm is not None else {}
+
+    def status(self) -> Dict[str, Any]:
+        """Skipped steps and the fp16 loss scale (reads the device: log steps only)."""
+        if not self.scaler:
+            return {"skipped_optimizer_steps": 0, "loss_scale": None}
+        return {"skipped_optimizer_steps": self.scale_watch.count(), "loss_scale": float(self.scaler.get_scale())}
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,88 @@
+"""What the memory model needs of an architecture: per-tower transformer blocks (tokens, widths, heads,
+parameters) and parameter counts, read from a meta-device build (no memory used)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block: ``tokens`` s, ``width`` h, ``mlp`` hidden width, ``heads`` a, ``params``."""
+
+    tokens: int
+    width: int
+    mlp: int
+    heads: int
+    params: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs of an architecture (from a meta-device build: no memory used).
+
+    Attributes:
+        params: trainable parameters P.
+        towers: ``{"image": [Block...], "text": [Block...]}`` in forward order.
+        root_params: parameters outside the transformer blocks (embeddings, projections, norms, logit scale).
+        embed_dim: CLIP embedding width d.
+        image_elems: elements of one input image (3 H W).
+        largest_param: elements of the largest parameter tensor (the token embedding, usually).
+        param_numels: elements of every parameter tensor.
+    """
+
+    params: int
+    towers: Dict[str, Tuple[Block, ...]]
+    root_params: int
+    embed_dim: int
+    image_elems: int
+    largest_param: int
+    param_numels: Tuple[int, ...] = ()
+
+    @property
+    def block_params(self) -> int:
+        return self.params - self.root_params
+
+    @property
+    def largest_block(self) -> int:
+        return max(b.params for blocks in self.towers.values() for b in blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def model_shape(name: str) -> ModelShape:
+    """:class:`ModelShape` of a registered model (built on the meta device)."""
+    import models
+    from models.blocks import tower_block_lists
+    from models.segments import segment_bound
+
+    model = models.create_model(name, device="meta")
+    arch = models.architecture(name)
+    vis, txt = arch["vision_cfg"], arch["text_cfg"]
+    size = vis["image_size"] if isinstance(vis["image_size"], int) else vis["image_size"][0]
+    patches = (size // vis["patch_size"]) ** 2
+    dtp = arch.get("dtp_cfg")
+    lists = tower_block_lists(model)
+    towers = {}
+    for tower, block_lists in lists.items():
+        if tower == "text":
+            width, heads, mlp_ratio = txt["width"], txt.get("heads", 8), txt.get("mlp_ratio", 4.0)
+        elif dtp:
+            width, heads, mlp_ratio = dtp["width"], dtp["heads"], dtp.get("mlp_ratio", 4.0)
+        else:
+            width, heads, mlp_ratio = vis["width"], vis["width"] // vis.get("head_width", 64), 4.0
+        blocks = []
+        for i, blist in enumerate(block_lists):
+            if tower == "text":
+                tokens = txt.get("context_length", 77)
+            elif dtp and i == 1:  # DTP-ViT's shortened layers: CLS + the static segment slots
+                tokens = 1 + segment_bound(patches, dtp["compression"], dtp.get("max_segments", 0))
+            else:
+                tokens = 1 + patches
+            blocks += [Block(tokens, width, int(width * mlp_ratio), heads, sum(p.numel() for p in blk.parameters()))
+                       for blk in blist]
+        towers[tower] = tuple(blocks)
+    params = sum(p.numel() for p in model.parameters())
+    in_blocks = sum(b.params for blocks in towers.values() for b in blocks)
+    numels = tuple(p.numel() for p in model.parameters())
+    return ModelShape(params, towers, params - in_blocks, arch["embed_dim"], 3 * size * size, max(numels), numels)
