@@ -148,7 +148,8 @@ def create_model(name: str, device: str = "cpu", attention: str = "sdpa", siglip
     DeepSpeed ZeRO-3's parameter broadcast and FSDP2 (``../shared/design/environment.md``).
 
     ``siglip=True`` initialises the model for SigLIP's sigmoid loss as open_clip's trainer does (``--siglip``):
-    ``logit_scale`` = ln 10 and a learnable ``logit_bias`` = -10 (shape ``[1]``, also in the output dict).
+    ``logit_scale`` = ln 10 and a learnable ``logit_bias`` = -10 (shape ``[1]``; the output dict has a copy of it
+    made in forward, ``logit_bias``).
 
     Raises:
         ValueError: unknown ``name`` or ``attention``.
@@ -168,7 +169,19 @@ def create_model(name: str, device: str = "cpu", attention: str = "sdpa", siglip
         p = getattr(model, attr, None)
         if p is not None and p.dim() == 0:
             setattr(model, attr, nn.Parameter(p.detach().reshape(1)))
+    if siglip:
+        model.register_forward_hook(_bias_out_of_forward)
     return set_attention_backend(model, attention)
+
+
+def _bias_out_of_forward(module: nn.Module, args, out):
+    """Give the output dict's ``logit_bias`` as a tensor made in forward (a clone, as ``logit_scale`` comes out
+    as ``logit_scale.exp()``), not the parameter itself: a wrapper that frees gathered parameters when forward
+    ends (FSDP2 resharding the root) would otherwise hand the loss a parameter without storage. Registered at
+    construction, so it runs before any hook a wrapper adds later."""
+    if isinstance(out, dict) and out.get("logit_bias") is not None:
+        out["logit_bias"] = out["logit_bias"].clone()
+    return out
 
 
 def _create_dtp(name: str, device: str, init: dict) -> nn.Module:
