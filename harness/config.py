@@ -26,7 +26,7 @@ from models.attention import AttentionBackend
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
 __all__ = ["ConfigError", "GIB", "PRECISIONS", "JobConfig", "ModelConfig", "DataConfig", "TrainConfig", "OptimConfig",
-           "CheckpointConfig", "EvalConfig", "BatchLayout", "batch_layout", "validate", "to_dict"]
+           "LossConfig", "CheckpointConfig", "EvalConfig", "BatchLayout", "batch_layout", "validate", "to_dict"]
 
 
 def _check(section: object, ok_when: dict) -> None:
@@ -220,6 +220,25 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    SECTION = "loss."
+    kind: Literal["clip", "siglip"] = "clip"
+    """Contrastive loss: ``clip`` (softmax cross-entropy, local loss + gather-with-grad) or ``siglip`` (sigmoid
+    loss, Zhai et al. 2023; the model gets a learnable ``logit_bias``, init -10, and ``logit_scale`` init ln 10)."""
+    impl: Literal["dense", "tiled"] = "dense"
+    """``dense``: open_clip's ``ClipLoss`` / ``SigLipLoss`` (``[B, W B]`` fp32 logits per rank); ``tiled``: the same
+    loss and gradients holding ``[B, loss.tile_size]`` logits at a time, recomputed in backward
+    (:mod:`harness.losses`)."""
+    tile_size: int = 1024
+    """``tiled``: columns (gathered samples) per tile of the logits."""
+
+    def __post_init__(self):
+        check_choice(self, "kind")
+        check_choice(self, "impl")
+        _check(self, {"tile_size": (self.tile_size >= 1, "must be a positive integer (columns per tile)")})
+
+
+@dataclass
 class CheckpointConfig:
     SECTION = "checkpoint."
     every_steps: int = 100
@@ -271,6 +290,8 @@ class JobConfig:
     """Batch, length, precision, logging."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Contrastive loss."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -94,7 +94,8 @@ def model_gmacs(name: str, images: Optional[torch.Tensor] = None,
     """
     import models
 
-    model = models.create_model(name).eval()
+    siglip = state_dict is not None and "logit_bias" in state_dict  # a checkpoint trained with loss.kind=siglip
+    model = models.create_model(name, siglip=siglip).eval()
     if state_dict is not None:
         model.load_state_dict(state_dict)
     size, ctx = models.image_size(name), models.context_length(name)

@@ -37,7 +37,7 @@ log = logging.getLogger("harness")
 TRAJECTORY_FIELDS = ("model.name", "train.micro_batch_size", "train.seed", "optim.lr", "optim.weight_decay",
                      "optim.beta1", "optim.beta2", "optim.eps", "optim.warmup_samples", "optim.min_lr_ratio",
                      "optim.grad_clip_norm", "train.precision", "data.train_data", "data.resampled",
-                     "data.shuffle_buffer", "data.num_workers")
+                     "data.shuffle_buffer", "data.num_workers", "loss.kind")
 
 RANK_BUDGET_SCALE_ENV = "HARNESS_MEMORY_BUDGET_SCALE_RANK"
 """Test hook: ``"R:F"`` multiplies rank R's ``train.memory_budget_gib`` by F (one rank with less memory, as
@@ -87,7 +87,7 @@ def check_resume_compatible(meta: Dict[str, Any], cfg: JobConfig, layout: BatchL
     Raises:
         ConfigError: names every differing field with both values.
     """
-    saved = meta["config"]
+    saved = {"loss": {"kind": "clip"}, **meta["config"]}  # checkpoints from before the loss section: CLIP
     now = to_dict(cfg)
     diffs = [f"{f}: checkpoint {get_dotted(saved, f)!r} vs now {get_dotted(now, f)!r}" for f in TRAJECTORY_FIELDS
              if get_dotted(saved, f) != get_dotted(now, f)]

@@ -32,6 +32,7 @@ from harness.distributed import LaunchInfo, all_reduce_floats, barrier
 from harness.engines import build_engine
 from harness.engines.common import local_parameter_elements
 from harness.hardware import autocast_dtype, device_memory_gib
+from harness.losses import build_loss
 from harness.metrics import HostSyncCounter, MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
 from harness.parallelize import parallelize_clip
 from harness.schedule import build_scheduler
@@ -75,14 +76,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def clip_loss_fn(rank: int, world: int):
-    """open_clip's ``ClipLoss`` with a local loss and gather-with-grad: each rank holds ``[B_local, B_global]``
-    logits instead of ``[B_global, B_global]`` (open_clip ``--local-loss --gather-with-grad``)."""
-    from open_clip import ClipLoss
-
-    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
-
-
 @contextlib.contextmanager
 def _cuda_sync_debug(mode: str):
     previous = torch.cuda.get_sync_debug_mode()
@@ -103,7 +96,7 @@ class Trainer:
         self.total_steps = math.ceil(ctx.total_samples / layout.global_batch_size)
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         seed_everything(cfg.train.seed)  # same init on every rank
-        model = models.create_model(cfg.model.name, attention=cfg.model.attention)
+        model = models.create_model(cfg.model.name, attention=cfg.model.attention, siglip=cfg.loss.kind == "siglip")
         dtype = autocast_dtype(cfg.train.precision)
         data_parallel = "fsdp" if ctx.launch.fsdp else ("ddp" if ctx.world > 1 and not ctx.launch.deepspeed else "none")
         model, self.applied = parallelize_clip(
@@ -118,7 +111,7 @@ class Trainer:
         self.checkpoints = ckpt_mod.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, self.rank)
         self.data = DataTracker()
         self.profiler = StepProfiler(cfg.train.profile_step, cfg.run_dir, self.rank, self.device)
-        self.loss_fn = clip_loss_fn(self.rank, self.world)
+        self.loss_fn = build_loss(cfg.loss, self.rank, self.world)  # local loss, gather-with-grad (harness.losses)
         self.image_stats = models.image_mean_std(cfg.model.name)  # uint8 images are normalised on the device
         self.syncs = HostSyncCounter() if cfg.train.count_host_syncs else None
         self.syncs_by_step: Dict[int, int] = {}
@@ -216,7 +209,8 @@ class Trainer:
         return self.syncs.paused() if self.syncs is not None else contextlib.nullcontext()
 
     def forward_backward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """One micro batch: forward, contrastive loss (fp32) + the image tower's extra losses, backward.
+        """One micro batch: forward, contrastive loss (``loss.kind``/``loss.impl``, fp32) + the image tower's extra
+        losses, backward.
 
         Features and ``logit_scale`` are cast to fp32 before the loss, and the scale is clamped at 100
         (CLIP's bound on the inverse temperature, applied in the loss so it holds under any sharding).
@@ -224,7 +218,8 @@ class Trainer:
         one with ``last_stats`` (DTP-ViT's shortening factor, boundary rate, segment counts) has them reported.
 
         Returns:
-            Detached fp32 scalars: ``loss`` (contrastive), each extra loss, and the tower's stats.
+            Detached fp32 scalars: ``loss`` (contrastive), ``logit_scale`` (and ``logit_bias`` under SigLIP), each
+            extra loss, and the tower's stats.
         """
         device = self.device
         image = batch["image"].to(device, non_blocking=True)  # uint8, from pinned memory on CUDA
@@ -232,12 +227,15 @@ class Trainer:
             image = models.normalize_uint8(image, *self.image_stats)
         out = self.engine.forward(image, batch["text"].to(device, non_blocking=True))
         scale = out["logit_scale"].float().clamp(max=100.0)
-        loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), scale)
+        bias = out["logit_bias"].float() if "logit_bias" in out else None  # SigLIP's learnable bias
+        loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), scale, bias)
         visual = self.engine.module.visual
         extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
         total = loss + sum(v.float() for v in extras.values()) if extras else loss
         self.engine.backward(total)
         report = {"loss": loss.detach(), "logit_scale": scale.detach().reshape(-1)[0]}
+        if bias is not None:
+            report["logit_bias"] = bias.detach().reshape(-1)[0]
         report.update({k: v.detach().float() for k, v in extras.items()})
         for k, v in getattr(visual, "last_stats", {}).items():
             report.setdefault(k, v.float())

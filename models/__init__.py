@@ -23,6 +23,7 @@ Registered names:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -132,7 +133,7 @@ def architecture(name: str) -> dict:
     return cfg
 
 
-def create_model(name: str, device: str = "cpu", attention: str = "sdpa") -> nn.Module:
+def create_model(name: str, device: str = "cpu", attention: str = "sdpa", siglip: bool = False) -> nn.Module:
     """Build the CLIP model ``name`` with random weights, in fp32, on ``device`` (``"meta"``: shapes
     only, no memory, for counting parameters of large models), with every self-attention of both
     towers running on the ``attention`` backend (:mod:`models.attention`: ``sdpa``, ``sdpa_flash``,
@@ -146,26 +147,46 @@ def create_model(name: str, device: str = "cpu", attention: str = "sdpa") -> nn.
     ``logit_scale`` is reshaped from CLIP's 0-dim parameter to shape ``[1]``: 0-dim parameters crash
     DeepSpeed ZeRO-3's parameter broadcast and FSDP2 (``../shared/design/environment.md``).
 
+    ``siglip=True`` initialises the model for SigLIP's sigmoid loss as open_clip's trainer does (``--siglip``):
+    ``logit_scale`` = ln 10 and a learnable ``logit_bias`` = -10 (shape ``[1]``; the output dict has a copy of it
+    made in forward, ``logit_bias``).
+
     Raises:
         ValueError: unknown ``name`` or ``attention``.
     """
     from models.attention import set_attention_backend
 
     spec = get_spec(name)
+    init = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}  # open_clip's --siglip
     if spec.family == "dtp-vit":
-        model = _create_dtp(name, device)
+        model = _create_dtp(name, device, init)
     elif device == "meta":
         with torch.device("meta"):
-            model = open_clip.create_model(name, pretrained=None, output_dict=True, device="meta")
+            model = open_clip.create_model(name, pretrained=None, output_dict=True, device="meta", **init)
     else:
-        model = open_clip.create_model(name, pretrained=None, output_dict=True, device=device)
-    if model.logit_scale.dim() == 0:
-        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+        model = open_clip.create_model(name, pretrained=None, output_dict=True, device=device, **init)
+    for attr in ("logit_scale", "logit_bias"):
+        p = getattr(model, attr, None)
+        if p is not None and p.dim() == 0:
+            setattr(model, attr, nn.Parameter(p.detach().reshape(1)))
+    if siglip:
+        model.register_forward_hook(_bias_out_of_forward)
     return set_attention_backend(model, attention)
 
 
-def _create_dtp(name: str, device: str) -> nn.Module:
-    """open_clip ``CLIP`` with its text tower from the config and a :class:`DTPViT` image tower."""
+def _bias_out_of_forward(module: nn.Module, args, out):
+    """Give the output dict's ``logit_bias`` as a tensor made in forward (a clone, as ``logit_scale`` comes out
+    as ``logit_scale.exp()``), not the parameter itself: a wrapper that frees gathered parameters when forward
+    ends (FSDP2 resharding the root) would otherwise hand the loss a parameter without storage. Registered at
+    construction, so it runs before any hook a wrapper adds later."""
+    if isinstance(out, dict) and out.get("logit_bias") is not None:
+        out["logit_bias"] = out["logit_bias"].clone()
+    return out
+
+
+def _create_dtp(name: str, device: str, init: dict) -> nn.Module:
+    """open_clip ``CLIP`` with its text tower from the config and a :class:`DTPViT` image tower; ``init``:
+    ``CLIP``'s ``init_logit_scale`` / ``init_logit_bias`` keywords, if any."""
     from models.dtp_vit import DTPConfig, DTPViT
 
     cfg = architecture(name)
@@ -173,7 +194,7 @@ def _create_dtp(name: str, device: str) -> nn.Module:
     with torch.device(device):
         # open_clip's CLIP always builds a ViT tower: build a 1-layer stand-in and replace it
         stand_in = {"image_size": dtp.image_size, "patch_size": dtp.patch_size, "width": 64, "layers": 1}
-        model = open_clip.CLIP(cfg["embed_dim"], stand_in, cfg["text_cfg"], output_dict=True)
+        model = open_clip.CLIP(cfg["embed_dim"], stand_in, cfg["text_cfg"], output_dict=True, **init)
         model.visual = DTPViT(dtp)
     return model
 
