@@ -120,7 +120,8 @@ def finetune(visual: nn.Module, num_classes: int, train: Tuple[List, Callable], 
     generator = torch.Generator().manual_seed(opts.seed)
     loader = torch.utils.data.DataLoader(LabelledImages(samples, transform), batch_size=opts.batch_size,
                                          shuffle=True, drop_last=len(samples) > opts.batch_size, generator=generator)
-    total = max(int(opts.epochs * len(samples)), opts.batch_size)
+    total_steps = max(math.ceil(opts.epochs * len(loader)), 1)
+    total = total_steps * opts.batch_size  # the schedule's length in samples
     optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr)
     scheduler = build_scheduler(optimizer, total, int(opts.warmup_fraction * total), opts.batch_size)
     steps, losses = 0, []
@@ -128,7 +129,7 @@ def finetune(visual: nn.Module, num_classes: int, train: Tuple[List, Callable], 
         model.train()
         losses = []
         for images, target in loader:
-            if steps * opts.batch_size >= total:
+            if steps >= total_steps:
                 break
             logits = model(images.to(device))  # [B, num_classes]
             loss = F.cross_entropy(logits.float(), target.to(device))
