@@ -71,13 +71,12 @@ class LoadReport:
 
 
 def _group(keys: List[str]) -> List[str]:
-    """``visual.boundary_predictor.0.weight, ...bias, ...`` -> ``visual.boundary_predictor.* (4)``."""
-    groups: Dict[str, int] = {}
+    """``visual.boundary_predictor.0.weight, ...bias, ...`` -> ``visual.boundary_predictor.* (4)``; a key alone in
+    its module is shown whole."""
+    groups: Dict[str, List[str]] = {}
     for k in keys:
-        parts = k.split(".")
-        head = ".".join(parts[:2]) if len(parts) > 2 else k
-        groups[head] = groups.get(head, 0) + 1
-    return [f"{h}.* ({n})" if n > 1 or h not in keys else h for h, n in groups.items()]
+        groups.setdefault(".".join(k.split(".")[:2]), []).append(k)
+    return [f"{head}.* ({len(ks)})" if len(ks) > 1 else ks[0] for head, ks in groups.items()]
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:

@@ -112,7 +112,7 @@ def test_leftover_keys_are_reported(tmp_path):
     torch.save(source, tmp_path / "vit.pt")
     report = load_pretrained(models.create_model("ViT-micro-8"), str(tmp_path / "vit.pt"))
     assert report.leftover == ["visual.extra_head.weight"] and report.new == []
-    assert "1 left over" in report.lines()[0]
+    assert "1 left over" in report.lines()[0] and "visual.extra_head.weight" in report.lines()[1]
 
 
 def _refused(tmp_path, digits_dir, capsys, model: str, pretrained: str) -> str:
