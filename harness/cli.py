@@ -1,4 +1,4 @@
-"""Command line: ``harness {train,data,models,config}`` and ``train.py``.
+"""Command line: ``harness {train,data,models,config,flops,profile,fit-probe,export,classify}`` and ``train.py``.
 
 ``train.py`` (and ``harness train``) build the job config as: defaults <- preset YAML (``--config``,
 default ``digits``) <- named flags (``--model``, ``--micro-batch-size`` ...) <- generic overrides
@@ -177,6 +177,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("profile", help="per-model step time / memory / GFLOPs / MFU report", add_help=False)
     sub.add_parser("fit-probe", help="largest micro batch per (model, stage, precision, ...) cell: the memory-fit "
                    "table", add_help=False)
+    sub.add_parser("export", help="a run's model as an open_clip local-dir folder (safetensors + config)",
+                   add_help=False)
+    sub.add_parser("classify", help="linear probe and finetune of the image tower on an ImageFolder dataset",
+                   add_help=False)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dg = dsub.add_parser("digits", help="write the embedded digits dataset as img2dataset-style shards")
@@ -203,6 +207,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["profile"]:
         from harness.profile import main as profile_main
         return profile_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from harness.export import main as export_main
+        return export_main(argv[1:])
+    if argv[:1] == ["classify"]:
+        from harness.classify import main as classify_main
+        return classify_main(argv[1:])
     args = p.parse_args(argv)
     if args.cmd == "data" and args.data_cmd == "digits":
         from harness.digits import write_digits

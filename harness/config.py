@@ -62,6 +62,14 @@ class ModelConfig:
     (non-reentrant); 0 off, 1 every block."""
     compile: bool = False
     """``torch.compile`` each transformer block (in place, so checkpoints keep their keys)."""
+    pretrained: Optional[str] = None
+    """Start a fresh run from this open_clip checkpoint file (``.pt``/``.bin``/``.safetensors``, or a folder from
+    ``harness export``); DTP-ViT models take a ViT checkpoint of the same width (:mod:`models.pretrained`).
+    Not read on resume (the checkpoint has every weight)."""
+    lock_image: bool = False
+    """Freeze the image tower (open_clip's ``--lock-image``, LiT)."""
+    lock_text: bool = False
+    """Freeze the text tower (open_clip's ``--lock-text``)."""
 
     def __post_init__(self):
         import models

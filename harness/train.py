@@ -37,7 +37,8 @@ log = logging.getLogger("harness")
 TRAJECTORY_FIELDS = ("model.name", "train.micro_batch_size", "train.seed", "optim.lr", "optim.weight_decay",
                      "optim.beta1", "optim.beta2", "optim.eps", "optim.warmup_samples", "optim.min_lr_ratio",
                      "optim.grad_clip_norm", "train.precision", "data.train_data", "data.resampled",
-                     "data.shuffle_buffer", "data.num_workers", "loss.kind")
+                     "data.shuffle_buffer", "data.num_workers", "loss.kind", "model.pretrained",
+                     "model.lock_image", "model.lock_text")
 
 RANK_BUDGET_SCALE_ENV = "HARNESS_MEMORY_BUDGET_SCALE_RANK"
 """Test hook: ``"R:F"`` multiplies rank R's ``train.memory_budget_gib`` by F (one rank with less memory, as
@@ -87,10 +88,10 @@ def check_resume_compatible(meta: Dict[str, Any], cfg: JobConfig, layout: BatchL
     Raises:
         ConfigError: names every differing field with both values.
     """
-    saved = {"loss": {"kind": "clip"}, **meta["config"]}  # checkpoints from before the loss section: CLIP
-    now = to_dict(cfg)
-    diffs = [f"{f}: checkpoint {get_dotted(saved, f)!r} vs now {get_dotted(now, f)!r}" for f in TRAJECTORY_FIELDS
-             if get_dotted(saved, f) != get_dotted(now, f)]
+    defaults, now = to_dict(JobConfig()), to_dict(cfg)
+    saved = lambda f: get_dotted(meta["config"], f) if _has_dotted(meta["config"], f) else get_dotted(defaults, f)
+    diffs = [f"{f}: checkpoint {saved(f)!r} vs now {get_dotted(now, f)!r}" for f in TRAJECTORY_FIELDS
+             if saved(f) != get_dotted(now, f)]
     for key, value in (("world_size", layout.world_size), ("global_batch_size", layout.global_batch_size),
                        ("total_train_samples", total_samples)):
         if meta.get(key) != value:
@@ -98,6 +99,32 @@ def check_resume_compatible(meta: Dict[str, Any], cfg: JobConfig, layout: BatchL
     if diffs:
         raise ConfigError("checkpoint.resume: the checkpoint was written by a different run setup; "
                           + "; ".join(diffs))
+
+
+def _has_dotted(d: Dict[str, Any], dotted: str) -> bool:
+    """Whether ``d`` has the key ``dotted`` (a checkpoint written before a field existed lacks it: its default)."""
+    try:
+        get_dotted(d, dotted)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def check_pretrained(cfg: JobConfig) -> None:
+    """Check ``model.pretrained`` against the model's shapes (a ``meta``-device model; the file is read on the
+    CPU), before any process group: a missing or unreadable file, or one of another architecture, is refused.
+
+    Raises:
+        ConfigError: ``model.pretrained: ...`` with the reason (:class:`models.pretrained.PretrainedError`).
+    """
+    import models
+    from models.pretrained import PretrainedError
+    from models.pretrained import check_pretrained as check
+
+    try:
+        check(models.create_model(cfg.model.name, device="meta"), cfg.model.pretrained)
+    except PretrainedError as e:
+        raise ConfigError(f"model.pretrained: {e} (model.name={cfg.model.name})") from None
 
 
 def setup_logging(rank: int) -> None:
@@ -149,6 +176,8 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
     resume_from = prepare_run_dir(cfg, int(os.environ.get("RANK", "0")))
     if resume_from is not None:
         check_resume_compatible(ckpt_mod.read_meta(resume_from), cfg, layout, total_samples)
+    elif cfg.model.pretrained:
+        check_pretrained(cfg)
 
     device = select_device()
     check_device_support(cfg, device, launch)

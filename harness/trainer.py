@@ -37,6 +37,7 @@ from harness.metrics import HostSyncCounter, MetricLogger, ProgressBar, StepProf
 from harness.parallelize import parallelize_clip
 from harness.schedule import build_scheduler
 from harness.zeroshot import zeroshot_eval
+from models.pretrained import describe_lock, load_pretrained, lock_towers
 
 log = logging.getLogger("harness")
 
@@ -97,6 +98,12 @@ class Trainer:
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         seed_everything(cfg.train.seed)  # same init on every rank
         model = models.create_model(cfg.model.name, attention=cfg.model.attention, siglip=cfg.loss.kind == "siglip")
+        if cfg.model.pretrained and ctx.resume_from is None:  # a resume restores every weight from its checkpoint
+            for line in load_pretrained(model, cfg.model.pretrained).lines():
+                log.info(line)
+        locked = describe_lock(lock_towers(model, cfg.model.lock_image, cfg.model.lock_text))
+        if locked:
+            log.info(locked)
         dtype = autocast_dtype(cfg.train.precision)
         data_parallel = "fsdp" if ctx.launch.fsdp else ("ddp" if ctx.world > 1 and not ctx.launch.deepspeed else "none")
         model, self.applied = parallelize_clip(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import open_clip
 import torch
@@ -185,18 +185,58 @@ def _bias_out_of_forward(module: nn.Module, args, out):
 
 
 def _create_dtp(name: str, device: str, init: dict) -> nn.Module:
-    """open_clip ``CLIP`` with its text tower from the config and a :class:`DTPViT` image tower; ``init``:
+    return dtp_from_config(architecture(name), device, init)
+
+
+def dtp_from_config(cfg: dict, device: str = "cpu", init: Optional[dict] = None) -> nn.Module:
+    """open_clip ``CLIP`` with its text tower from ``cfg["text_cfg"]`` and a :class:`models.dtp_vit.DTPViT` image
+    tower from ``cfg["dtp_cfg"]`` (random weights; ``logit_scale`` still CLIP's 0-dim parameter); ``init``:
     ``CLIP``'s ``init_logit_scale`` / ``init_logit_bias`` keywords, if any."""
     from models.dtp_vit import DTPConfig, DTPViT
 
-    cfg = architecture(name)
     dtp = DTPConfig(**cfg["dtp_cfg"], output_dim=cfg["embed_dim"])
     with torch.device(device):
         # open_clip's CLIP always builds a ViT tower: build a 1-layer stand-in and replace it
         stand_in = {"image_size": dtp.image_size, "patch_size": dtp.patch_size, "width": 64, "layers": 1}
-        model = open_clip.CLIP(cfg["embed_dim"], stand_in, cfg["text_cfg"], output_dict=True, **init)
+        model = open_clip.CLIP(cfg["embed_dim"], stand_in, cfg["text_cfg"], output_dict=True, **(init or {}))
         model.visual = DTPViT(dtp)
     return model
+
+
+def load_exported(path: str, device: str = "cpu", attention: str = "sdpa") -> nn.Module:
+    """The model in a folder written by ``harness export`` (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``, open_clip's ``local-dir:`` layout), ready like :func:`create_model`
+    (``logit_scale`` of shape ``[1]``, every attention on ``attention``), in fp32 on ``device``.
+
+    ViT models are built and loaded by open_clip itself (``open_clip.create_model("local-dir:<path>")``, strict);
+    DTP-ViT models (a ``dtp_cfg`` in the config's ``model_cfg``, which open_clip cannot build) by
+    :func:`dtp_from_config`, then the weights strictly.
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``open_clip_config.json`` or no ``open_clip_model.safetensors``.
+        RuntimeError: the weights do not match the config (``load_state_dict`` strict).
+    """
+    import json
+
+    from open_clip.factory import load_state_dict
+
+    from models.attention import set_attention_backend
+
+    folder = Path(path)
+    config, weights = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
+    for f in (config, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: not a folder written by harness export")
+    model_cfg = json.loads(config.read_text())["model_cfg"]
+    if "dtp_cfg" not in model_cfg:
+        model = open_clip.create_model(f"local-dir:{folder}", output_dict=True, device=device)
+    else:
+        model = dtp_from_config(model_cfg, device)
+        state = load_state_dict(str(weights), device=device)
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+        model.load_state_dict(state, strict=True)
+    model.logit_scale = nn.Parameter(model.logit_scale.detach().float().reshape(1))
+    return set_attention_backend(model.float(), attention)
 
 
 def image_transform(name: str, is_train: bool, uint8: bool = False) -> Callable:
@@ -260,5 +300,6 @@ def image_size(name: str) -> int:
 __all__ = [
     "ModelSpec", "register", "list_models", "get_spec", "architecture", "create_model",
     "image_transform", "image_mean_std", "normalize_uint8", "get_tokenizer", "context_length", "image_size",
-    "CONFIG_DIR",
+    "CONFIG_DIR", "dtp_from_config", "load_exported",
 ]
+

@@ -195,8 +195,13 @@ class DTPViT(nn.Module):
 
         checkpoint_every(self.block_lists(), 1 if enable else 0)
 
-    def lock(self, *args, **kwargs):  # open_clip API parity (locking pretrained towers); nothing pretrained here
-        raise NotImplementedError("DTP-ViT towers are trained from scratch; there is nothing to lock")
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze every parameter of the tower (open_clip's ``lock`` API, ``--lock-image``); the boundary predictor
+        included. Partial unlocking (``unlocked_groups``) is not supported."""
+        if unlocked_groups:
+            raise ValueError("DTP-ViT lock: unlocked_groups is not supported (the whole tower is locked)")
+        for p in self.parameters():
+            p.requires_grad = False
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, N] True = attend (SDPA)
