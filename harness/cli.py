@@ -39,6 +39,7 @@ TRAIN_FLAGS = {
     "--run-name": ("run_name", "run directory name (default: model name)"),
     "--resume": ("checkpoint.resume", "'latest' or a checkpoint directory"),
     "--zeroshot-data": ("eval.zeroshot_data", "ImageFolder directory for zero-shot eval ('none' to skip)"),
+    "--val-data": ("data.val_data", "validation shards (training layout): val loss and retrieval recall@k"),
 }
 
 

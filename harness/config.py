@@ -13,11 +13,12 @@ Batch arithmetic lives in one place, :func:`batch_layout`:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import List, Literal, Optional, get_args
 
 from harness.errors import ConfigError
 from harness.shards import expand_shards
@@ -27,6 +28,7 @@ GIB = 2.0 ** 30  # bytes per GiB
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.report_to value -> the package it needs
 __all__ = ["ConfigError", "GIB", "PRECISIONS", "JobConfig", "ModelConfig", "DataConfig", "TrainConfig", "OptimConfig",
            "CheckpointConfig", "EvalConfig", "BatchLayout", "batch_layout", "validate", "to_dict"]
 
@@ -92,6 +94,10 @@ class DataConfig:
     """Sample shuffle buffer per data worker (samples); 0 disables sample shuffling."""
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 decodes in the training process."""
+    val_data: Optional[str] = None
+    """Validation shards in the training layout (folder, brace pattern, glob, ``.tar``, ``::``-joined): contrastive
+    validation loss and image/text retrieval recall@1/5/10 (open_clip's ``evaluate``) at the end and every
+    ``eval.val_every_steps``; ``null``: none."""
 
     def __post_init__(self):
         _check(self, {
@@ -134,7 +140,12 @@ class TrainConfig:
     timing_warmup_steps: int = 5
     """Steps excluded from ``avg_step_time_s`` and ``samples_per_s`` as warm-up."""
     progress_bar: bool = True
-    """Show a tqdm progress bar on rank 0."""
+    """Show progress on rank 0: a tqdm bar when stderr is a terminal, else one log line per log step (Slurm logs)."""
+    report_to: List[str] = field(default_factory=list)
+    """Also send the logged scalars to: ``tensorboard`` (event files in ``<run_dir>/tensorboard``), ``wandb``
+    (Weights & Biases, when installed); comma-separated, empty for none (``metrics.jsonl`` is always written)."""
+    wandb_project: str = "clip-scaling-harness"
+    """Weights & Biases project of the run (with ``train.report_to=wandb``); the run is named ``run_name``."""
     track_memory: bool = False
     """CPU: count live tensor bytes (:mod:`harness.memory`) so ``peak_mem_gib`` is the tensor peak, the CPU
     analogue of ``torch.cuda.max_memory_allocated``, rather than process RSS. On by itself with a budget."""
@@ -168,6 +179,8 @@ class TrainConfig:
             "memory_budget_gib": (self.memory_budget_gib is None or self.memory_budget_gib > 0, "must be > 0"),
             "emulate_world_size": (self.emulate_world_size is None or self.emulate_world_size >= 1, positive),
             "profile_step": (self.profile_step is None or self.profile_step >= 1, positive),
+            "report_to": (set(self.report_to) <= set(REPORT_TO) and len(set(self.report_to)) == len(self.report_to),
+                          f"each of {', '.join(REPORT_TO)} at most once"),
         })
 
 
@@ -231,11 +244,14 @@ class EvalConfig:
     every_steps: int = 0
     """Also evaluate every this many steps (0: only at the end)."""
     batch_size: int = 256
-    """Images per rank per eval forward pass."""
+    """Images per rank per eval forward pass; also the batch of the validation loss (in-batch negatives)."""
+    val_every_steps: int = 0
+    """Also compute the validation metrics (``data.val_data``) every this many steps (0: only at the end)."""
 
     def __post_init__(self):
         _check(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
-                      "batch_size": (self.batch_size >= 1, "must be >= 1")})
+                      "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                      "val_every_steps": (self.val_every_steps >= 0, "must be >= 0")})
 
 
 @dataclass
@@ -335,6 +351,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     if t.train_samples is not None and t.train_samples < layout.global_batch_size:
         raise ConfigError(f"train.train_samples: {t.train_samples} is less than one global batch "
                           f"({layout.global_batch_size})")
+    for name in t.report_to:
+        if importlib.util.find_spec(REPORT_TO[name]) is None:
+            raise ConfigError(f"train.report_to: {name} is asked for but the {REPORT_TO[name]!r} package is not "
+                              f"installed (pip install {REPORT_TO[name]}, or drop it from train.report_to)")
     if not check_paths:
         return layout
     if c.resume is not None and c.resume != "latest" and not Path(c.resume).is_dir():
@@ -344,6 +364,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     elif t.epochs is not None and d.train_num_samples is None:
         raise ConfigError("train.epochs: synthetic data has no epoch; set train.train_samples or "
                           "data.train_num_samples")
+    if d.val_data is not None:
+        expand_shards(d.val_data, "data.val_data")  # raises ConfigError naming data.val_data
     if e.zeroshot_data is not None and not Path(e.zeroshot_data).is_dir():
         raise ConfigError(f"eval.zeroshot_data: {e.zeroshot_data!r} is not a directory (ImageFolder layout: one "
                           "sub-folder of images per class); set it to null to skip zero-shot eval")
