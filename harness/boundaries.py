@@ -131,7 +131,8 @@ def render(pictures: torch.Tensor, hard: torch.Tensor, titles: List[str], path: 
     plt.close(fig)
 
 
-def draw_boundaries(checkpoint: str, images: str, out: str, num_images: int = 16) -> Dict[str, object]:
+def draw_boundaries(checkpoint: str, images: str, out: str, num_images: int = 16,
+                    command: str = "") -> Dict[str, object]:
     """Load the DTP-ViT of ``checkpoint``, compute its eval boundaries on up to ``num_images`` images of
     ``images`` and write ``boundaries.png`` and ``boundaries.json`` into ``out``; returns the JSON's content.
 
@@ -164,8 +165,8 @@ def draw_boundaries(checkpoint: str, images: str, out: str, num_images: int = 16
     out_dir.mkdir(parents=True, exist_ok=True)
     render(pictures, hard, titles, out_dir / "boundaries.png")
     L = hard.shape[1]
-    result = {"checkpoint": str(ckpt), "model": name, "patches": L, "segments_mean": sum(counts) / len(counts),
-              "shortening_factor": L * len(counts) / sum(counts),
+    result = {"command": command, "checkpoint": str(ckpt), "model": name, "patches": L,
+              "segments_mean": sum(counts) / len(counts), "shortening_factor": L * len(counts) / sum(counts),
               "images": [{"file": str(f), "segments": c, "boundary_patches": h.nonzero().flatten().tolist()}
                          for f, c, h in zip(files, counts, hard)]}
     (out_dir / "boundaries.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -184,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.num_images < 1:
             raise ConfigError(f"--num-images: must be >= 1, got {args.num_images}")
-        result = draw_boundaries(args.checkpoint, args.images, args.out, args.num_images)
+        command = " ".join(["harness", "boundaries", *(sys.argv[1:] if argv is None else argv)])
+        result = draw_boundaries(args.checkpoint, args.images, args.out, args.num_images, command)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
