@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from harness.config_manager import describe, from_dict, load_preset, merge, nested, parse_override
 from harness.errors import ConfigError
@@ -39,6 +39,7 @@ TRAIN_FLAGS = {
     "--run-name": ("run_name", "run directory name (default: model name)"),
     "--resume": ("checkpoint.resume", "'latest' or a checkpoint directory"),
     "--zeroshot-data": ("eval.zeroshot_data", "ImageFolder directory for zero-shot eval ('none' to skip)"),
+    "--val-data": ("data.val_data", "validation shards (training layout): val loss and retrieval recall@k"),
 }
 
 
@@ -98,8 +99,9 @@ def ensure_digits(out_dir: str = DIGITS_DIR) -> bool:
         return False
 
 
-def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
-    """Entry of ``train.py`` / ``harness train``. Returns the exit status."""
+def train_main(argv: Optional[List[str]] = None, prog: str = "train.py", runner: Optional[Callable] = None) -> int:
+    """Entry of ``train.py`` / ``harness train`` (and ``harness lr-find``, whose ``runner`` replaces
+    ``harness.train.run`` on the built config). Returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, args = build_config(argv, prog)
@@ -119,7 +121,7 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py") -> int:
         from harness.train import run
 
         try:
-            run(cfg)
+            (runner or run)(cfg)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -174,6 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="harness", description="CLIP / ViT scaling harness")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train a model (same flags as train.py)", add_help=False)
+    sub.add_parser("lr-find", help="LR range test on the real trainer: loss against an exponential LR sweep, "
+                   "suggestion, plot", add_help=False)
+    sub.add_parser("boundaries", help="draw a DTP-ViT checkpoint's learned segments over images", add_help=False)
     sub.add_parser("profile", help="per-model step time / memory / GFLOPs / MFU report", add_help=False)
     sub.add_parser("fit-probe", help="largest micro batch per (model, stage, precision, ...) cell: the memory-fit "
                    "table", add_help=False)
@@ -204,6 +209,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["fit-probe"]:
         from harness.fitprobe import main as fit_probe_main
         return fit_probe_main(argv[1:])
+    if argv[:1] == ["lr-find"]:
+        from harness.lrfind import parse_args as lr_find_args
+        try:
+            runner, rest = lr_find_args(argv[1:])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return train_main(rest, prog="harness lr-find", runner=runner)
+    if argv[:1] == ["boundaries"]:
+        from harness.boundaries import main as boundaries_main
+        return boundaries_main(argv[1:])
     if argv[:1] == ["profile"]:
         from harness.profile import main as profile_main
         return profile_main(argv[1:])

@@ -13,18 +13,20 @@ Batch arithmetic lives in one place, :func:`batch_layout`:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import List, Literal, Optional, get_args
 
 from harness.errors import GIB, ConfigError
+from harness.layout import BatchLayout, batch_layout, launch_world_size
 from harness.shards import expand_shards
 from models.attention import AttentionBackend
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.report_to value -> the package it needs
 __all__ = ["ConfigError", "GIB", "PRECISIONS", "JobConfig", "ModelConfig", "DataConfig", "TrainConfig", "OptimConfig",
            "LossConfig", "CheckpointConfig", "EvalConfig", "BatchLayout", "batch_layout", "validate", "to_dict"]
 
@@ -101,6 +103,10 @@ class DataConfig:
     prefetch_gib: float = 1.0
     """Decoded batches (uint8 images + tokens) one rank's DataLoader workers may hold ready, in GiB; sets the
     prefetch factor (1 to 4 batches per worker)."""
+    val_data: Optional[str] = None
+    """Validation shards in the training layout (folder, brace pattern, glob, ``.tar``, ``::``-joined): contrastive
+    validation loss and image/text retrieval recall@1/5/10 (open_clip's ``evaluate``) at the end and every
+    ``eval.val_every_steps``; ``null``: none."""
 
     def __post_init__(self):
         _check(self, {
@@ -157,6 +163,12 @@ class TrainConfig:
     """Count host reads of device values (``.item()`` and the like: host-device synchronisations on a GPU) in
     each optimizer step and its log (data loading excluded), written as ``host_syncs_by_step`` in
     ``summary.json``; only log steps should have any. A debugging aid: it slows every op a little."""
+    """Show progress on rank 0: a tqdm bar when stderr is a terminal, else one log line per log step (Slurm logs)."""
+    report_to: List[str] = field(default_factory=list)
+    """Also send the logged scalars to: ``tensorboard`` (event files in ``<run_dir>/tensorboard``), ``wandb``
+    (Weights & Biases, when installed); comma-separated, empty for none (``metrics.jsonl`` is always written)."""
+    wandb_project: str = "clip-scaling-harness"
+    """Weights & Biases project of the run (with ``train.report_to=wandb``); the run is named ``run_name``."""
     track_memory: bool = False
     """CPU: count live tensor bytes (:mod:`harness.memory`) so ``peak_mem_gib`` is the tensor peak, the CPU
     analogue of ``torch.cuda.max_memory_allocated``, rather than process RSS. On by itself with a budget."""
@@ -191,6 +203,8 @@ class TrainConfig:
             "memory_budget_gib": (self.memory_budget_gib is None or self.memory_budget_gib > 0, "must be > 0"),
             "emulate_world_size": (self.emulate_world_size is None or self.emulate_world_size >= 1, positive),
             "profile_step": (self.profile_step is None or self.profile_step >= 1, positive),
+            "report_to": (set(self.report_to) <= set(REPORT_TO) and len(set(self.report_to)) == len(self.report_to),
+                          f"each of {', '.join(REPORT_TO)} at most once"),
         })
 
 
@@ -277,11 +291,14 @@ class EvalConfig:
     every_steps: int = 0
     """Also evaluate every this many steps (0: only at the end)."""
     batch_size: int = 256
-    """Images per rank per eval forward pass."""
+    """Images per rank per eval forward pass; also the batch of the validation loss (in-batch negatives)."""
+    val_every_steps: int = 0
+    """Also compute the validation metrics (``data.val_data``) every this many steps (0: only at the end)."""
 
     def __post_init__(self):
         _check(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
-                      "batch_size": (self.batch_size >= 1, "must be >= 1")})
+                      "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                      "val_every_steps": (self.val_every_steps >= 0, "must be >= 0")})
 
 
 @dataclass
@@ -318,50 +335,6 @@ def to_dict(cfg: JobConfig) -> dict:
 
 # --------------------------------------------------------------------------- across sections
 
-@dataclass(frozen=True)
-class BatchLayout:
-    """Batch arithmetic for one run.
-
-    Attributes:
-        micro_batch_size: samples per rank per forward/backward.
-        grad_accum_steps: micro batches per optimizer step on each rank.
-        world_size: data-parallel ranks.
-        global_batch_size: samples per optimizer step, ``micro * accum * world``.
-        contrastive_batch_size: samples one contrastive loss sees (``micro * world``); gradient
-            accumulation does not add negatives.
-    """
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    global_batch_size: int
-
-    @property
-    def contrastive_batch_size(self) -> int:
-        return self.micro_batch_size * self.world_size
-
-
-def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
-    """Derive gradient accumulation from micro batch, global batch and world size.
-
-    Raises:
-        ConfigError: the global batch is not a positive multiple of ``micro_batch_size * world_size``.
-    """
-    micro = train.micro_batch_size
-    per_step = micro * world_size
-    glob = train.global_batch_size if train.global_batch_size is not None else per_step
-    if glob < 1 or glob % per_step != 0:
-        raise ConfigError(
-            f"train.global_batch_size: {glob} is not a multiple of train.micro_batch_size ({micro}) x "
-            f"world size ({world_size}) = {per_step}; allowed: {per_step}, {2 * per_step}, {3 * per_step}, ...")
-    return BatchLayout(micro, glob // per_step, world_size, glob)
-
-
-def launch_world_size() -> int:
-    """World size announced by the launcher (``WORLD_SIZE`` from torchrun / accelerate launch), else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool = True) -> BatchLayout:
     """Check what involves several sections or the filesystem (each section checked its own fields).
 
@@ -383,6 +356,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     if t.train_samples is not None and t.train_samples < layout.global_batch_size:
         raise ConfigError(f"train.train_samples: {t.train_samples} is less than one global batch "
                           f"({layout.global_batch_size})")
+    for name in t.report_to:
+        if importlib.util.find_spec(REPORT_TO[name]) is None:
+            raise ConfigError(f"train.report_to: {name} is asked for but the {REPORT_TO[name]!r} package is not "
+                              f"installed (pip install {REPORT_TO[name]}, or drop it from train.report_to)")
     if not check_paths:
         return layout
     if c.resume is not None and c.resume != "latest" and not Path(c.resume).is_dir():
@@ -392,6 +369,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
     elif t.epochs is not None and d.train_num_samples is None:
         raise ConfigError("train.epochs: synthetic data has no epoch; set train.train_samples or "
                           "data.train_num_samples")
+    if d.val_data is not None:
+        expand_shards(d.val_data, "data.val_data")  # raises ConfigError naming data.val_data
     if e.zeroshot_data is not None and not Path(e.zeroshot_data).is_dir():
         raise ConfigError(f"eval.zeroshot_data: {e.zeroshot_data!r} is not a directory (ImageFolder layout: one "
                           "sub-folder of images per class); set it to null to skip zero-shot eval")

@@ -81,6 +81,26 @@ class Sampling:
     shuffle_buffer: int = 1000
 
 
+def is_complete(sample: Dict[str, Any]) -> bool:
+    """Whether a raw webdataset sample has an image (``jpg|jpeg|png|webp``) and a caption (``txt``)."""
+    return "txt" in sample and any(k in sample for k in IMAGE_EXTS)
+
+
+def decode_sample(sample: Dict[str, Any], transform: Callable) -> tuple:
+    """``(transform(RGB image), caption)`` of a complete raw sample (:func:`is_complete`).
+
+    Raises:
+        Exception: whatever PIL raises for a corrupt or truncated image (callers skip and count the sample).
+    """
+    from PIL import Image
+
+    img_key = next(k for k in IMAGE_EXTS if k in sample)
+    with Image.open(io.BytesIO(sample[img_key])) as im:
+        im = im.convert("RGB")
+    caption = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
+    return transform(im), caption
+
+
 class ShardStream(IterableDataset):
     """Endless stream of training batches from webdataset shards, resumable exactly.
 
@@ -168,19 +188,13 @@ class ShardStream(IterableDataset):
         return samples
 
     def _decode(self, sample: Dict[str, Any], state: Dict[str, int], aug_seed: int):
-        from PIL import Image
-
-        img_key = next((k for k in IMAGE_EXTS if k in sample), None)
-        if img_key is None or "txt" not in sample:
+        if not is_complete(sample):
             state["incomplete"] += 1
             return None
         try:
-            with Image.open(io.BytesIO(sample[img_key])) as im:
-                im = im.convert("RGB")
-            caption = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(aug_seed)
-                image = self.transform(im)
+                image, caption = decode_sample(sample, self.transform)
         except Exception as exn:  # PIL raises many types for corrupt/truncated files
             state["corrupt"] += 1
             log.warning("data: skipped corrupt sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import resource
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,22 +38,39 @@ class JsonlWriter:
             self._f.close()
 
 
+def flat_scalars(record: Mapping[str, Any], prefix: str = "") -> Dict[str, float]:
+    """The numeric values of ``record`` (bools, None, text and ``step`` left out; nested dicts flattened to
+    ``outer/inner``) as floats."""
+    out: Dict[str, float] = {}
+    for key, value in record.items():
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, Mapping):
+            out.update(flat_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
 class MetricLogger:
     """Collects each micro batch's scalars (device tensors) and, at a log step, reduces them over the micro
     batches of the interval and then over ranks in one all-reduce: keys ending in ``_max`` by max, the others
     by mean; ``sums`` given to :meth:`reduce` (counters, flags that ranks vote on) ride in the same all-reduce,
-    summed. Rank 0 writes each record as one JSON line.
+    summed. Rank 0 writes each record as one JSON line, and hands its numeric scalars to each sink.
 
     Args:
         path: the ``metrics.jsonl`` file.
         rank: this process's rank (only rank 0 writes).
         world: ranks in the reduction.
         device: where the reduction runs (NCCL reduces CUDA tensors only).
+        sinks: more destinations (:mod:`harness.reporting`: TensorBoard, W&B), each with ``write(step, scalars)``
+            and ``close()``; give them on rank 0 only.
     """
 
-    def __init__(self, path: Path, rank: int, world: int, device: torch.device):
+    def __init__(self, path: Path, rank: int, world: int, device: torch.device, sinks: Sequence[Any] = ()):
         self.writer = JsonlWriter(path, enabled=rank == 0)
         self.world, self.device = world, device
+        self.sinks = list(sinks)
         self.interval: Dict[str, List[torch.Tensor]] = {}
 
     def add(self, scalars: Mapping[str, torch.Tensor]) -> None:
@@ -92,27 +110,40 @@ class MetricLogger:
 
     def write(self, record: Dict[str, Any]) -> None:
         self.writer.write(record)
+        if self.sinks:
+            scalars = flat_scalars(record)
+            for sink in self.sinks:
+                sink.write(int(record["step"]), scalars)
 
     def close(self) -> None:
         self.writer.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 class ProgressBar:
-    """tqdm progress of optimizer steps on rank 0 (disabled elsewhere or when asked); the postfix shows loss,
-    LR, samples/s and the model's own keys (``progress_metrics`` of its image tower: metric -> short label)."""
+    """Progress of optimizer steps on rank 0 (nothing elsewhere or when not ``enabled``): a tqdm bar when stderr is
+    a terminal, else (Slurm logs, pipes) one INFO log line per log step instead of a bar redrawn with ``\r``.
+    Both show loss, LR, samples/s and the model's own keys (``progress_metrics`` of its image tower: metric ->
+    short label)."""
 
     def __init__(self, total: int, initial: int, enabled: bool, extra_keys: Mapping[str, str]):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+        self.total = total
+        self.log_lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled or self.log_lines, unit="step",
+                        dynamic_ncols=True, mininterval=1.0)
         self.extra_keys = dict(extra_keys)
 
     def show(self, record: Mapping[str, Any]) -> None:
         postfix = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                        samples_s=f"{record['samples_per_s']:.0f}")
         postfix.update({label: f"{record[k]:.2f}" for k, label in self.extra_keys.items() if k in record})
-        self.bar.set_postfix(**postfix, refresh=False)
+        if self.log_lines:
+            log.info("step %d/%d %s", record["step"], self.total, " ".join(f"{k} {v}" for k, v in postfix.items()))
+        else:
+            self.bar.set_postfix(**postfix, refresh=False)
 
     def update(self) -> None:
         self.bar.update(1)

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import yaml
@@ -127,14 +127,21 @@ def check_pretrained(cfg: JobConfig) -> None:
         raise ConfigError(f"model.pretrained: {e} (model.name={cfg.model.name})") from None
 
 
-def setup_logging(rank: int) -> None:
-    """Our INFO lines on rank 0 only; libraries (open_clip logs to the root logger) at WARNING."""
+def setup_logging(rank: int, run_dir: Optional[Path] = None) -> None:
+    """Our INFO lines on rank 0 only; libraries (open_clip logs to the root logger) at WARNING. On rank 0 the same
+    lines also go to ``run_dir/train.log`` (appended, so a resumed run continues its log)."""
     import warnings
 
     # open_clip's gather-with-grad uses torch.distributed.nn.all_gather, deprecated but correct
     warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
-    for name in ("harness", "harness.data", "harness.engines.deepspeed"):
+    fmt = f"%(asctime)s [rank {rank}] %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt, force=True)
+    if rank == 0 and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(run_dir) / "train.log", mode="a")
+        handler.setFormatter(logging.Formatter(fmt))
+        logging.getLogger().addHandler(handler)
+    for name in ("harness", "harness.data", "harness.validation", "harness.engines.deepspeed"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
@@ -159,10 +166,11 @@ def memory_tracker(cfg: JobConfig, device: torch.device, rank: int):
     return TensorMemoryTracker(int(budget * GIB) if budget else None)
 
 
-def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
+def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer) -> Optional[Dict[str, Any]]:
     """Train ``cfg`` to the end (or ``train.max_steps``), evaluate, write ``summary.json``.
 
-    Returns the summary dict on rank 0, None on other ranks.
+    ``make_trainer`` builds the trainer from the run's context (a :class:`Trainer` subclass such as the LR range
+    test's, :mod:`harness.lrfind`). Returns the summary dict on rank 0, None on other ranks.
 
     Raises:
         ConfigError: invalid config or resume mismatch, before any training step (config errors
@@ -188,11 +196,10 @@ def run(cfg: JobConfig) -> Optional[Dict[str, Any]]:
     ctx = RunContext(cfg, layout, launch, device, rank, world, total_samples, resume_from, mem, overhead)
     try:
         with mem or contextlib.nullcontext():
-            setup_logging(rank)
+            setup_logging(rank, cfg.run_dir)
             if rank == 0:
-                cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            summary = Trainer(ctx).train()
+            summary = make_trainer(ctx).train()
     except Exception as e:
         # the outcome of this rank, for fit probes and for the user; peers blocked in a collective are released by
         # the aborted process group, and the launcher stops the other ranks

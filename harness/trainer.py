@@ -29,13 +29,15 @@ from harness import checkpoint as ckpt_mod
 from harness.config import GIB, BatchLayout, JobConfig, to_dict
 from harness.data import DataTracker, build_train_loader
 from harness.distributed import LaunchInfo, all_reduce_floats, barrier
-from harness.engines import build_engine
+from harness.engines import SchedulerFn, build_engine
 from harness.engines.common import local_parameter_elements
 from harness.hardware import autocast_dtype, device_memory_gib
 from harness.losses import build_loss
 from harness.metrics import HostSyncCounter, MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
 from harness.parallelize import parallelize_clip
+from harness.reporting import build_sinks
 from harness.schedule import build_scheduler
+from harness.validation import validate_clip
 from harness.zeroshot import zeroshot_eval
 from models.pretrained import describe_lock, load_pretrained, lock_towers
 
@@ -68,6 +70,7 @@ class TrainState:
     start_step: int = 0
     last_loss: float = float("nan")
     evals: Dict[str, float] = field(default_factory=dict)
+    validation: Dict[str, float] = field(default_factory=dict)
     stop_requested: bool = False
 
 
@@ -90,7 +93,9 @@ def _cuda_sync_debug(mode: str):
 class Trainer:
     """One training run of ``ctx.cfg`` on this rank: model, engine, data, loss and the loop's components."""
 
-    def __init__(self, ctx: RunContext):
+    def __init__(self, ctx: RunContext, scheduler_fn: Optional[SchedulerFn] = None):
+        """``scheduler_fn`` (optimizer -> LR scheduler stepped once per optimizer step) replaces the configured
+        warm-up + cosine schedule (e.g. the LR range test's exponential sweep, :mod:`harness.lrfind`)."""
         cfg, layout = ctx.cfg, ctx.layout
         self.ctx, self.cfg, self.layout, self.device, self.rank, self.world = (
             ctx, cfg, layout, ctx.device, ctx.rank, ctx.world)
@@ -111,8 +116,8 @@ class Trainer:
             compile_blocks=cfg.model.compile, data_parallel=data_parallel, param_dtype=dtype,
             reduce_dtype=torch.bfloat16 if cfg.train.fsdp_reduce_dtype == "bf16" else torch.float32,
             reshard_after_forward=ctx.launch.fsdp_reshard_after_forward)
-        schedule = lambda opt: build_scheduler(opt, ctx.total_samples, cfg.optim.warmup_samples,
-                                               layout.global_batch_size, cfg.optim.min_lr_ratio)
+        schedule = scheduler_fn or (lambda opt: build_scheduler(opt, ctx.total_samples, cfg.optim.warmup_samples,
+                                                                layout.global_batch_size, cfg.optim.min_lr_ratio))
         self.engine = build_engine(model, cfg, layout, schedule, self.device, ctx.launch)
         self.state = TrainState()
         self.checkpoints = ckpt_mod.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, self.rank)
@@ -164,7 +169,8 @@ class Trainer:
         self.timer = StepTimer(cfg.train.timing_warmup_steps, self.state.step, self.stop_step)
         self.loader = iter(build_train_loader(cfg.data, cfg.model.name, self.layout, cfg.train.seed, self.rank,
                                               self.device, self.data.state_dict()))
-        self.metrics = MetricLogger(cfg.run_dir / "metrics.jsonl", self.rank, self.world, self.device)
+        self.metrics = MetricLogger(cfg.run_dir / "metrics.jsonl", self.rank, self.world, self.device,
+                                    build_sinks(cfg, self.rank))
         self.progress = ProgressBar(self.stop_step, self.state.step, self.rank == 0 and cfg.train.progress_bar,
                                     getattr(self.engine.module.visual, "progress_metrics", {}))
         applied = self.applied
@@ -280,15 +286,20 @@ class Trainer:
         self.progress.show(record)
 
     def maybe_eval(self, final: bool = False) -> None:
-        """Zero-shot evaluation every ``eval.every_steps`` (not at the last step) and at the end of a run that
-        was not stopped by the stop file."""
+        """Zero-shot evaluation every ``eval.every_steps`` and validation (:mod:`harness.validation`) every
+        ``eval.val_every_steps`` (not at the last step), both at the end of a run not stopped by the stop file."""
         cfg, step = self.cfg, self.state.step
-        if not cfg.eval.zeroshot_data:
+        if final and self.state.stop_requested:
             return
-        if final:
-            if self.state.stop_requested:
-                return
-        elif not (cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.stop_step):
+        due = lambda every: final or bool(every and step % every == 0 and step < self.stop_step)
+        if cfg.data.val_data and due(cfg.eval.val_every_steps):
+            with self.engine.full_parameters():
+                self.state.validation = validate_clip(
+                    self.engine.module, cfg.data.val_data, cfg.model.name, cfg.eval.batch_size, self.device,
+                    autocast_dtype(cfg.train.precision), cfg.data.num_workers)
+            self.metrics.write({"step": step, **self.state.validation})
+            log.info("step %d validation: %s", step, " ".join(f"{k} {v:.4g}" for k, v in self.state.validation.items()))
+        if not cfg.eval.zeroshot_data or not due(cfg.eval.every_steps):
             return
         with self.engine.full_parameters():
             self.state.evals = zeroshot_eval(
@@ -360,6 +371,7 @@ class Trainer:
             "samples_seen": state.step * layout.global_batch_size, "total_train_samples": self.ctx.total_samples,
             "final_loss": state.last_loss,
             "zeroshot_top1": state.evals.get("zeroshot_top1"), "zeroshot_top5": state.evals.get("zeroshot_top5"),
+            **state.validation,
             "avg_step_time_s": avg, "timing_warmup_steps_excluded": self.timer.excluded,
             "samples_per_s": layout.global_batch_size / avg if avg else None,
             "data_wait_fraction": self.timer.data_wait_fraction(),

@@ -289,12 +289,17 @@ class DTPViT(nn.Module):
             x = blk(x, packed=(cu_seqlens, N))
         return x.view(B, N, D) * valid[..., None].to(x.dtype)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def pre_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """``image [B, 3, H, W]`` -> tokens after the pre layers ``[B, 1+L, D]`` (CLS first, then the patches in
+        row-major order of the ``g x g`` patch grid)."""
         x = self.conv1(image)  # [B, D, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, L, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+L, D]
-        x = self._run(self.pre_blocks, self.ln_pre(x))
+        return self._run(self.pre_blocks, self.ln_pre(x))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.pre_tokens(image)  # [B, 1+L, D]
         cls, patches = x[:, :1], x[:, 1:]  # [B, 1, D], [B, L, D]
         b, hard = self.boundaries(patches)
         with torch.autocast(x.device.type, enabled=False):

@@ -1,0 +1,52 @@
+"""Batch arithmetic in one place: ``global_batch = micro_batch * grad_accum_steps * world_size``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from harness.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Batch arithmetic for one run.
+
+    Attributes:
+        micro_batch_size: samples per rank per forward/backward.
+        grad_accum_steps: micro batches per optimizer step on each rank.
+        world_size: data-parallel ranks.
+        global_batch_size: samples per optimizer step, ``micro * accum * world``.
+        contrastive_batch_size: samples one contrastive loss sees (``micro * world``); gradient
+            accumulation does not add negatives.
+    """
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    global_batch_size: int
+
+    @property
+    def contrastive_batch_size(self) -> int:
+        return self.micro_batch_size * self.world_size
+
+
+def batch_layout(train, world_size: int) -> BatchLayout:
+    """Derive gradient accumulation from micro batch, global batch and world size (``train``: the job's
+    :class:`harness.config.TrainConfig`).
+
+    Raises:
+        ConfigError: the global batch is not a positive multiple of ``micro_batch_size * world_size``.
+    """
+    micro = train.micro_batch_size
+    per_step = micro * world_size
+    glob = train.global_batch_size if train.global_batch_size is not None else per_step
+    if glob < 1 or glob % per_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size: {glob} is not a multiple of train.micro_batch_size ({micro}) x "
+            f"world size ({world_size}) = {per_step}; allowed: {per_step}, {2 * per_step}, {3 * per_step}, ...")
+    return BatchLayout(micro, glob // per_step, world_size, glob)
+
+
+def launch_world_size() -> int:
+    """World size announced by the launcher (``WORLD_SIZE`` from torchrun / accelerate launch), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
