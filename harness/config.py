@@ -127,6 +127,11 @@ class TrainConfig:
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; default ``micro_batch_size * world_size`` (no
     gradient accumulation). Must be a multiple of ``micro_batch_size * world_size``."""
+    accum_negatives: Optional[bool] = None
+    """With gradient accumulation (``K > 1`` micro batches per step): contrast every sample with all ``K x micro x
+    world`` samples of the optimizer step (features cached without grad, each micro batch recomputed with its RNG
+    replayed: GradCache, :mod:`harness.accumulate`) rather than with its own micro batch's ``micro x world`` (false,
+    the plain accumulation). Default (empty): on when ``K > 1``."""
     train_samples: Optional[int] = None
     """Training length in samples; sets the LR schedule. Exactly one of this and ``epochs``."""
     epochs: Optional[float] = None

@@ -26,6 +26,7 @@ import torch
 
 import models
 from harness import checkpoint as ckpt_mod
+from harness.accumulate import NegativesAccumulation
 from harness.config import GIB, BatchLayout, JobConfig, to_dict
 from harness.data import DataTracker, build_train_loader
 from harness.distributed import LaunchInfo, all_reduce_floats, barrier
@@ -125,6 +126,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.train.profile_step, cfg.run_dir, self.rank, self.device)
         self.loss_fn = build_loss(cfg.loss, self.rank, self.world)  # local loss, gather-with-grad (harness.losses)
         self.image_stats = models.image_mean_std(cfg.model.name)  # uint8 images are normalised on the device
+        self.accum = NegativesAccumulation(self.engine, self.loss_fn, layout.grad_accum_steps, self.device,
+                                           self.image_stats) if layout.accum_negatives else None
         self.syncs = HostSyncCounter() if cfg.train.count_host_syncs else None
         self.syncs_by_step: Dict[int, int] = {}
 
@@ -193,8 +196,11 @@ class Trainer:
                 batch = next(self.loader)
             wait += time.perf_counter() - tw
             self.data.update(batch)
-            self.metrics.add(self.forward_backward(batch))
-            stepped = self.engine.step()
+            if self.accum is not None:  # accumulation with negatives: both passes once the K micro batches are in
+                stepped = self.accum.add(batch, self.metrics.add)
+            else:
+                self.metrics.add(self.forward_backward(batch))
+                stepped = self.engine.step()
         self.metrics.add(self.engine.step_metrics())
         self.state.step += 1
         self.timer.add_wait(self.state.step, wait)

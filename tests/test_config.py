@@ -77,7 +77,9 @@ def test_micro_batch_must_divide_global_batch(tmp_path):
 def test_batch_layout_arithmetic():
     train = from_dict({"train": {"micro_batch_size": 8, "global_batch_size": 256}}).train
     layout = batch_layout(train, world_size=4)
-    assert (layout.grad_accum_steps, layout.global_batch_size, layout.contrastive_batch_size) == (8, 256, 32)
+    assert (layout.grad_accum_steps, layout.global_batch_size, layout.contrastive_batch_size) == (8, 256, 256)
+    train.accum_negatives = False  # plain accumulation: the loss sees micro x world
+    assert batch_layout(train, world_size=4).contrastive_batch_size == 32
     train.global_batch_size = None
     assert batch_layout(train, world_size=4).global_batch_size == 32
 

@@ -43,7 +43,7 @@ def test_single_process_run_trains_and_writes_summary(tmp_path, digits_dir):
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["steps"] == 20 and summary["samples_seen"] == 320 and summary["world_size"] == 1
     assert summary["global_batch_size"] == 16 and summary["micro_batch_size"] == 8
-    assert summary["grad_accum_steps"] == 2
+    assert summary["grad_accum_steps"] == 2 and summary["contrastive_batch_size"] == 16  # accumulation with negatives
     losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 20 and sum(losses[-3:]) < sum(losses[:3]), "loss did not go down"
     assert 0.0 <= summary["zeroshot_top1"] <= summary["zeroshot_top5"] <= 1.0
