@@ -25,10 +25,10 @@ def _scalars(log_dir) -> dict:
 
 @pytest.mark.slow
 def test_tensorboard_train_log_and_log_lines(tmp_path, digits_dir):
-    """A 6-step run logging every 2nd step (and the first) with ``train.report_to=tensorboard`` (its stderr a pipe, as under
-    Slurm): the event files hold the loss of each logged step equal to metrics.jsonl (stored as float32) and
-    the validation and zero-shot results; train.log has the console's INFO lines and the summary; stderr has
-    one progress line per log step and no tqdm bar."""
+    """A 6-step run logging every 2nd step (and the first) with ``train.report_to=tensorboard`` (its stderr a
+    pipe, as under Slurm): the event files hold the loss of each logged step equal to metrics.jsonl (stored as
+    float32) and the validation and zero-shot results; train.log has the console's INFO lines and the summary;
+    stderr has one progress line per log step and no tqdm bar."""
     proc = train_py(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"),
                      "--zeroshot-data", str(digits_dir / "val"), "--val-data", f"{digits_dir}/train/00000.tar",
                      "--max-steps", "6", "--output-dir", str(tmp_path), "--run-name", "r",
