@@ -99,7 +99,8 @@ def _probe_index(probes: List[Dict[str, Any]]) -> Dict[str, Dict[int, Dict]]:
 
 def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env: Optional[Dict] = None) -> None:
     """``table.md``, ``table.csv``, ``peak_memory_vs_batch.png``, ``fit_heatmap.png`` (+ ``.json``) and (with a
-    memory model) ``memory_model.json``. ``env`` is the sweep's environment fingerprint (default: the first cell record's)."""
+    memory model) ``memory_model.json``. ``env`` is the sweep's environment fingerprint (default: the first cell
+    record's)."""
     out = Path(out)
     all_probes = ResultsStore(out, {}).all_records()[0]
     env = env or (cells[0].get("env", {}) if cells else {})
