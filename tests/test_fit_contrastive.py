@@ -152,3 +152,16 @@ def test_table_and_heat_map_from_cell_records(tmp_path):
     assert "| effective batch size | contrastive batch |" in md
     row = next(ln for ln in md.splitlines() if "| ✅ |" in ln and "accumulated" in ln)
     assert "| 64 | 1 | 1 | 768 | 768 |" in row and "K=12 x micro 64" in row
+
+
+def test_activation_profile_follows_the_models_token_counts():
+    """Read from the autograd graph: DTP-ViT's shortened blocks (1 + 11 static segment slots) keep 12/17 of what
+    its full-length blocks (1 + 16 patches) keep, and the text tower (fp32 residual stream under bf16 autocast
+    from the fp32 token embedding) keeps fp32 block inputs while the image tower's are bf16."""
+    from harness.actprofile import activation_profile
+
+    prof = activation_profile("DTP-ViT-tiny-8-4x", "bf16", "sdpa")
+    full, short = prof.blocks["image"][0], prof.blocks["image"][2]
+    assert short.saved / full.saved == pytest.approx(12 / 17, rel=0.05)
+    assert full.input == 17 * 128 * 2 and short.input == 12 * 128 * 2
+    assert prof.blocks["text"][0].input == 16 * 128 * 4
