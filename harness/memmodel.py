@@ -15,20 +15,21 @@ Peak = max(forward/backward peak, optimizer-step peak), with
   (``stage_1_and_2.py``); at ZeRO-3 one persistent bucket per communication dtype, in that dtype, and every
   parameter of at most ``stage3_param_persistence_threshold`` elements (default 1e5) held whole on every rank;
   DDP's gradient buckets (a copy of the gradients);
-* **activations** per sample, per transformer block with ``s`` tokens, width ``h``, MLP width ``m``, ``a``
-  heads (Korthikanti et al., arXiv 2205.05198, counted for these blocks): ``9 s h + 2 s m`` elements saved
-  for backward, plus ``a s^2`` with the unfused ``math`` attention (FlashAttention-style kernels keep
-  O(s)); a checkpointed block keeps only its input ``s h``, and one block is recomputed at a time in
-  backward, after the loss's buffers are freed (so the peak holds the larger of the two). Both
-  towers are summed (image: ``1 + (image/patch)^2`` tokens, DTP-ViT's shortened layers ``1 + L/compression``;
-  text: the context length). Elements cost 4 bytes in fp32 and 2 under bf16/fp16 autocast;
-* **contrastive loss** with a local loss: each rank holds ``[B, N B]`` logits for image and text (fp32,
-  saved log-softmax outputs and their gradients: ``16 N B^2`` bytes) and the gathered features.
+* **activations** per sample and per transformer block as the model's autograd graph keeps them
+  (:mod:`harness.actprofile`: tensors saved for backward, counted at two batch sizes under the precision's
+  autocast; this replaces Korthikanti et al.'s ``9 s h + 2 s m`` formula, arXiv 2205.05198, which misses
+  open_clip's fp32 text residual stream and DTP-ViT's pooling buffers); a checkpointed block keeps only its
+  input. The forward/backward peak is the largest of the start of backward (every activation and the loss's
+  buffers) and each block's backward (:func:`backward_points`), tower by tower in autograd's order, with the
+  block recomputed if checkpointed, its gradients in flight, and the parameter gradients already made;
+* **contrastive loss** per form (:func:`loss_bytes`): dense CLIP / SigLIP (``[B, N]`` fp32 matrices), tiled
+  (``[B, tile]``), and accumulation with negatives (the cached features of ``K`` micro batches).
 
 Calibration (:meth:`MemoryModel.add_measurement`): for each family of cells sharing model, precision,
 attention and checkpointing, a multiplier on the activations is fitted to how measured peaks grow with
-the batch within a cell (the logits term is exact and stays analytic), and each measured setup (stage,
-world size) gets its additive offset; setups not measured yet take the family's mean offset, families
+the batch within a cell (the loss term is exact and stays analytic), and each measured setup (stage,
+world size) gets its additive offset; setups not measured yet borrow the offsets of the family's setups of
+the same world size (else the same stage, else all), families
 without measurements the analytic values. :meth:`MemoryModel.error_report` compares predictions with
 every measured probe.
 """
