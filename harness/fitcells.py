@@ -56,6 +56,10 @@ class ProbeOptions:
     partition: str = ""
     select: str = "all"
     shard: Optional[str] = None
+    losses: str = "clip-dense"
+    tile_size: int = 1024
+    accum_search: Optional[str] = None
+    max_accum: int = 4096
     merge: Optional[List[str]] = None
     report: bool = False
     command: str = ""
@@ -77,6 +81,12 @@ class Cell:
     attention: str
     nodes: int
     gpus_per_node: int
+    loss: str = "clip"
+    loss_impl: str = "dense"
+    tile: int = 1024
+    micro: int = 0
+    """0: search the micro batch. ``> 0``: the micro batch is fixed at this and the search is over the count
+    ``K`` of micro batches accumulated with negatives (contrastive batch ``K x micro x world``)."""
 
     @property
     def world(self) -> int:
@@ -84,8 +94,20 @@ class Cell:
 
     @property
     def key(self) -> str:
+        """Unique cell name; the loss and the accumulation only appear where they are not the default (open_clip's
+        dense CLIP loss, micro batch searched), so the keys of earlier stores still match."""
+        loss = "" if (self.loss, self.loss_impl) == ("clip", "dense") else f"|loss={self.loss}-{self.loss_impl}"
+        if self.loss_impl == "tiled":
+            loss += f"-t{self.tile}"
+        accum = f"|accum-micro={self.micro}" if self.micro else ""
         return (f"{self.model}|stage={self.stage}|{self.precision}|ckpt={self.checkpointing}|{self.attention}|"
-                f"{self.nodes}x{self.gpus_per_node}")
+                f"{self.nodes}x{self.gpus_per_node}{loss}{accum}")
+
+    def contrastive_batch(self, searched: int) -> int:
+        """The samples the contrastive loss sees per optimizer step at searched value ``searched`` (the micro
+        batch, or with ``micro`` the accumulation count): ``micro x world`` without accumulation (local loss,
+        gather-with-grad), ``K x micro x world`` with accumulation with negatives."""
+        return self.setup().rows_cols(searched)[2]
 
     @property
     def family(self) -> tuple:
@@ -93,13 +115,21 @@ class Cell:
         return MemoryModel.family(self.model, self.setup())
 
     def setup(self) -> Setup:
-        return Setup(self.stage, self.precision, self.checkpointing, self.attention, self.world)
+        return Setup(self.stage, self.precision, self.checkpointing, self.attention, self.world, self.loss,
+                     self.loss_impl, self.tile, self.micro)
 
     @classmethod
     def from_record(cls, rec: Dict[str, Any]) -> "Cell":
-        """The cell of a ``cells.jsonl`` record."""
+        """The cell of a ``cells.jsonl`` record (records written before the loss fields: open_clip's dense CLIP)."""
         return cls(rec["model"], rec["stage"], rec["precision"], rec["checkpointing"], rec["attention"],
-                   rec["nodes"], rec["gpus_per_node"])
+                   rec["nodes"], rec["gpus_per_node"], rec.get("loss", "clip"), rec.get("loss_impl", "dense"),
+                   rec.get("tile", 1024), rec.get("micro", 0))
+
+
+def stage_label(stage: str) -> str:
+    """``"DDP"``, ``"ZeRO-2"``, ``"ZeRO-3 + offload"``, ``"FSDP2 full shard"``, ... for tables and pictures."""
+    return {"ddp": "DDP", "fsdp": "FSDP2 full shard", "fsdp-sgo": "FSDP2 shard-grad-op"}.get(
+        stage, f"ZeRO-{stage.replace('-offload', '')}" + (" + offload" if stage.endswith("offload") else ""))
 
 
 # --------------------------------------------------------------------------- devices and environment
@@ -190,8 +220,26 @@ def build_cells(args: ProbeOptions) -> List[Cell]:
     attention = _choices("--attention", args.attention, ATTENTION_BACKENDS)
     gpus = _int_list("--gpus-per-node", args.gpus_per_node, 1)
     nodes = _int_list("--nodes", args.nodes, 1)
-    return [Cell(m, st, p, c, a, n, g) for m in names for st in stages for p in precisions for c in checkpointing
-            for a in attention for n in nodes for g in gpus]
+    losses = [tuple(v.split("-")) for v in _choices("--losses", args.losses, LOSS_FORMS)]
+    if args.tile_size < 1:
+        raise ProbeInputError(f"--tile-size: must be a positive integer (columns per tile), got {args.tile_size}")
+    micros = _int_list("--accum-search", args.accum_search, 1) if args.accum_search else [0]
+    if args.accum_search and not accumulation_with_negatives():
+        raise ProbeInputError("--accum-search: needs the trainer's gradient accumulation with negatives "
+                              "(train.accum_negatives), which this version of the harness does not have")
+    return [Cell(m, st, p, c, a, n, g, lk, li, args.tile_size, mb) for m in names for st in stages
+            for p in precisions for c in checkpointing for a in attention for n in nodes for g in gpus
+            for lk, li in losses for mb in micros]
+
+
+LOSS_FORMS = ("clip-dense", "clip-tiled", "siglip-dense", "siglip-tiled")  # loss.kind - loss.impl
+
+
+def accumulation_with_negatives() -> bool:
+    """Whether the trainer has gradient accumulation with negatives (``train.accum_negatives``)."""
+    from harness.config import TrainConfig
+
+    return "accum_negatives" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def check_budget(budget_gib: Optional[float], device: Dict[str, Any]) -> None:
@@ -220,6 +268,8 @@ def validate_args(args: ProbeOptions) -> Tuple[List[Cell], Dict[str, Any]]:
         raise ProbeInputError(f"--granularity: must be a positive integer, got {args.granularity}")
     if args.max_batch < args.granularity:
         raise ProbeInputError(f"--max-batch: must be >= --granularity ({args.granularity}), got {args.max_batch}")
+    if args.max_accum < 1:
+        raise ProbeInputError(f"--max-accum: must be a positive integer, got {args.max_accum}")
     if args.steps < 2:
         raise ProbeInputError(f"--steps: must be >= 2 (AdamW allocates its state at the first step), got {args.steps}")
     if args.cpu_processes < 1:

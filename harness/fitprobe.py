@@ -67,6 +67,13 @@ def parse_args(argv: List[str]) -> ProbeOptions:
     p.add_argument("--attention", default="sdpa", help="comma-separated attention backends (math = flash off)")
     p.add_argument("--gpus-per-node", default="1", help="comma-separated positive integers")
     p.add_argument("--nodes", default="1", help="comma-separated positive integers")
+    p.add_argument("--losses", default="clip-dense", help="comma-separated loss forms, of: clip-dense (open_clip's "
+                   "ClipLoss), clip-tiled, siglip-dense (open_clip's SigLipLoss), siglip-tiled (harness.losses)")
+    p.add_argument("--tile-size", type=int, default=1024, help="columns per tile of the tiled losses")
+    p.add_argument("--accum-search", metavar="MICRO", help="comma-separated micro batches: for each, search the "
+                   "largest count K of micro batches accumulated with negatives instead of the micro batch (the "
+                   "contrastive batch K x micro x world is reported)")
+    p.add_argument("--max-accum", type=int, default=4096, help="largest accumulation count tried (--accum-search)")
     p.add_argument("--budget-gib", type=float, help="memory per process in GiB (required in CPU mode; on a GPU it "
                    "emulates a smaller card)")
     p.add_argument("--granularity", type=int, default=8, help="micro batches are multiples of this")
@@ -125,7 +132,8 @@ def render_store(out: Path, args: ProbeOptions) -> int:
         rec = latest.get(p["cell"])
         if rec is not None and p.get("env") == rec.get("env"):
             calibrate(model, Cell.from_record(rec), p)
-    args = args.replace(granularity=records[0].get("granularity", args.granularity), rerendered_with=args.command,
+    granularity = max((r.get("granularity", 0) for r in records if not r.get("micro")), default=0)
+    args = args.replace(granularity=granularity or args.granularity, rerendered_with=args.command,
                         command=records[0].get("command"))
     write_reports(records, out, args, model, env)
     print((out / "table.md").read_text())
@@ -164,14 +172,16 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args: ProbeOptions) -> int:
             records.append(finished[cell.key])
             continue
         how = how_obtained(cell, slots, args.launcher, args.max_nodes)
+        # the searched variable: the micro batch in steps of --granularity, or the accumulation count K in steps of 1
+        g, cap = (1, args.max_accum) if cell.micro else (args.granularity, args.max_batch)
         calibrated = cell.family in calibrated_families
         measured = [p for recs in probes.values() for p in recs] + added
         limit = usable_limit_bytes(card, device["type"], measured)
         if how == "scheduler-limit":
-            rec = predicted_record(cell, how, model, limit, args.granularity, args.max_batch,
+            rec = predicted_record(cell, how, model, limit, g, cap,
                                    f"scheduler limit: the partition allows {args.max_nodes} nodes")
         elif how == "predicted":
-            rec = predicted_record(cell, how, model, limit, args.granularity, args.max_batch,
+            rec = predicted_record(cell, how, model, limit, g, cap,
                                    f"{cell.world} ranks of plain DDP cannot run or be emulated here")
         else:
             def probe(b, cell=cell, how=how):
@@ -183,12 +193,10 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args: ProbeOptions) -> int:
                       f"{'  ' + r['reason'][:160] if r['reason'] else ''}", flush=True)
                 return r
 
-            rec = search_cell(cell, how, model, limit, args.granularity, args.max_batch, probe,
-                              probes.get(cell.key, []))
-        rec.update(calibrated_start=calibrated, granularity=args.granularity, command=args.command)
+            rec = search_cell(cell, how, model, limit, g, cap, probe, probes.get(cell.key, []))
+        rec.update(calibrated_start=calibrated, granularity=g, command=args.command)
         if rec["status"] not in TERMINAL and rec["max_batch"]:
-            rec["doubling_probes"] = doubling_probes(rec["max_batch"], rec["first_fail"], args.granularity,
-                                                     args.max_batch)
+            rec["doubling_probes"] = doubling_probes(rec["max_batch"], rec["first_fail"], g, cap)
         store.add_cell(rec)
         calibrated_families.add(cell.family)
         records.append(rec)

@@ -14,14 +14,24 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.fitcells import FAILURES, TERMINAL
+from harness.fitcells import FAILURES, TERMINAL, Cell, stage_label
+from harness.fitheatmap import write_heatmap
 from harness.fitstore import ResultsStore
 
-HEADER = ["model", "batch size", "# nodes", "# GPUs per node", "effective batch size", "cluster", "partition", "fit?",
-          "stage", "precision", "checkpointing", "attention", "device (memory)", "peak alloc GiB", "reserved GiB",
-          "step time (s)", "samples/s", "status", "how"]
+HEADER = ["model", "batch size", "# nodes", "# GPUs per node", "effective batch size", "contrastive batch", "cluster",
+          "partition", "fit?", "stage", "precision", "checkpointing", "attention", "loss", "device (memory)",
+          "peak alloc GiB", "reserved GiB", "step time (s)", "samples/s", "status", "how"]
 FAIL_LABEL = {"oom": "OOM", "hang": "hang", "error": "error", "unsupported": "unsupported",
               "predicted": "OOM, predicted", "scheduler-limit": "scheduler limit"}
+
+
+def loss_label(cell: Cell, searched: Optional[int] = None) -> str:
+    """``"clip dense"``, ``"siglip tiled (t=1024)"``, with accumulation ``"clip tiled (t=1024), K=8 x micro 64 with
+    negatives"`` (``searched`` = K; without it the micro batch alone)."""
+    text = f"{cell.loss} {cell.loss_impl}" + (f" (t={cell.tile})" if cell.loss_impl == "tiled" else "")
+    if cell.micro:
+        text += f", {f'K={searched} x ' if searched else ''}micro {cell.micro} accumulated with negatives"
+    return text
 
 
 def _params_m(model: str) -> str:
@@ -34,31 +44,34 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def _stage_label(stage: str) -> str:
-    return {"ddp": "DDP", "fsdp": "FSDP2 full shard", "fsdp-sgo": "FSDP2 shard-grad-op"}.get(
-        stage, f"ZeRO-{stage.replace('-offload', '')}" + (" + offload" if stage.endswith("offload") else ""))
-
-
 def table_rows(cells: List[Dict[str, Any]], probes: Dict[str, Dict[int, Dict]], device: str, cluster: str,
                partition: str) -> List[List[str]]:
     """Two rows per cell (fits / first that does not), as strings in :data:`HEADER` order."""
     rows = []
     for c in cells:
-        def base(batch, c=c):
-            return [_params_m(c["model"]), str(batch), str(c["nodes"]), str(c["gpus_per_node"]),
-                    str(batch * c["world"]) if isinstance(batch, int) else "-", cluster or "-", partition or "-"]
+        cell = Cell.from_record(c)
 
-        knobs = [_stage_label(c["stage"]), c["precision"],
+        def base(batch, cell=cell):
+            """batch size (micro), effective (global) and contrastive batch of searched value ``batch``."""
+            if not isinstance(batch, int):
+                return [_params_m(cell.model), "-", str(cell.nodes), str(cell.gpus_per_node), "-", "-",
+                        cluster or "-", partition or "-"]
+            micro, k, contrastive = cell.setup().rows_cols(batch)
+            return [_params_m(cell.model), str(micro), str(cell.nodes), str(cell.gpus_per_node),
+                    str(micro * k * cell.world), str(contrastive), cluster or "-", partition or "-"]
+
+        knobs = [stage_label(c["stage"]), c["precision"],
                  "off" if not c["checkpointing"] else ("every block" if c["checkpointing"] == 1
                                                       else f"every {c['checkpointing']} blocks"), c["attention"],
-                 device_label(c["env"]) if c.get("env") else device]
+                 loss_label(cell), device_label(c["env"]) if c.get("env") else device]
         how = c["how"]
         if c["max_batch"]:
             p = probes.get(c["cell"], {}).get(c["max_batch"], {})
             peak = p.get("peak_gib", c.get("peak_gib"))
             predicted = how in ("predicted", "scheduler-limit")  # the memory model's answer, no probe
+            k_knobs = knobs[:4] + [loss_label(cell, c["max_batch"] if cell.micro else None)] + knobs[5:]
             rows.append(base(c["max_batch"]) + ["✅ (predicted)" if predicted else "✅"]
-                        + knobs + [_fmt(peak, ".2f"), _fmt(p.get("reserved_gib"), ".2f"),
+                        + k_knobs + [_fmt(peak, ".2f"), _fmt(p.get("reserved_gib"), ".2f"),
                                    _fmt(p.get("step_time_s"), ".3f"), _fmt(p.get("samples_per_s"), ".1f"),
                                    "predicted fit" if predicted else "fits", how])
         fail = c.get("first_fail")
@@ -71,7 +84,9 @@ def table_rows(cells: List[Dict[str, Any]], probes: Dict[str, Dict[int, Dict]], 
             label, reason, batch = FAIL_LABEL.get(kind, kind), p.get("reason") or c["reason"], fail
         else:
             continue
-        rows.append(base(batch) + [f"❌ ({label})"] + knobs + ["-", "-", "-", "-", reason.replace("|", "/")[:200], how])
+        f_knobs = knobs[:4] + [loss_label(cell, batch if cell.micro and isinstance(batch, int) else None)] + knobs[5:]
+        rows.append(base(batch) + [f"❌ ({label})"] + f_knobs + ["-", "-", "-", "-", reason.replace("|", "/")[:200],
+                                                                 how])
     return rows
 
 
@@ -83,8 +98,9 @@ def _probe_index(probes: List[Dict[str, Any]]) -> Dict[str, Dict[int, Dict]]:
 
 
 def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env: Optional[Dict] = None) -> None:
-    """``table.md``, ``table.csv``, ``peak_memory_vs_batch.png`` and (with a memory model) ``memory_model.json``.
-    ``env`` is the sweep's environment fingerprint (default: the first cell record's)."""
+    """``table.md``, ``table.csv``, ``peak_memory_vs_batch.png``, ``fit_heatmap.png`` (+ ``.json``) and (with a
+    memory model) ``memory_model.json``. ``env`` is the sweep's environment fingerprint (default: the first cell
+    record's)."""
     out = Path(out)
     all_probes = ResultsStore(out, {}).all_records()[0]
     env = env or (cells[0].get("env", {}) if cells else {})
@@ -121,6 +137,8 @@ def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env:
         w.writerow(HEADER)
         w.writerows(rows)
     _plot(cells, probes, out / "peak_memory_vs_batch.png", (budget or mem), device)
+    write_heatmap(cells, out / "fit_heatmap.png", "Largest micro batch per cell (contrastive batch for accumulation "
+                  f"rows)\n{device}")
 
 
 def device_label(env: Dict[str, Any]) -> str:
@@ -156,14 +174,17 @@ def _plot(cells, probes, path: Path, limit_gib: Optional[float], device_label: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 5.5))
-    for c in cells:
+    colours, styles = plt.get_cmap("tab20").colors, ("-", "--", ":", "-.")  # 80 distinct lines before a repeat
+    for i, c in enumerate(cells):
         pts = sorted((b, p["peak_gib"]) for b, p in probes.get(c["cell"], {}).items()
                      if p["outcome"] == "fits" and p.get("peak_gib") is not None)
         fails = sorted(b for b, p in probes.get(c["cell"], {}).items() if p["outcome"] in FAILURES)
         if not pts and not fails:
             continue
         label = c["cell"].replace("|", " ")
-        line = ax.plot([b for b, _ in pts], [m for _, m in pts], marker="o", label=label)[0] if pts else None
+        line = ax.plot([b for b, _ in pts], [m for _, m in pts], marker="o", label=label,
+                       color=colours[i % len(colours)], linestyle=styles[i // len(colours) % len(styles)])[0] \
+            if pts else None
         if fails and limit_gib:
             ax.scatter(fails, [limit_gib] * len(fails), marker="x", color=line.get_color() if line else None)
     if limit_gib:

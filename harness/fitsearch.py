@@ -30,8 +30,16 @@ def how_obtained(cell: Cell, local_slots: int, launcher: str, max_nodes: Optiona
 
 
 def probe_args(cell: Cell, batch: int, how: str, run_dir: Path, args: ProbeOptions) -> List[str]:
-    """``train.py`` arguments of one probe: synthetic batches of the model's shapes, ``--steps`` steps."""
-    out = synthetic_train_args(cell.model, batch, args.steps, cell.world, run_dir, warmup_steps=1) + [
+    """``train.py`` arguments of one probe: synthetic batches of the model's shapes, ``--steps`` steps, the cell's
+    loss; for an accumulation cell (``cell.micro``) ``batch`` is the count ``K`` of micro batches accumulated
+    with negatives per optimizer step (global batch ``K x micro x world``)."""
+    micro, k, contrastive = cell.setup().rows_cols(batch)
+    out = synthetic_train_args(cell.model, micro, args.steps * k, cell.world, run_dir, warmup_steps=1)
+    if cell.micro:
+        out += ["--global-batch-size", str(contrastive), "train.accum_negatives=true"]
+    if (cell.loss, cell.loss_impl) != ("clip", "dense"):
+        out += [f"loss.kind={cell.loss}", f"loss.impl={cell.loss_impl}", f"loss.tile_size={cell.tile}"]
+    out += [
         "--max-steps", str(args.steps), "--precision", cell.precision, "--attention", cell.attention,
         "--grad-checkpointing", str(cell.checkpointing), "checkpoint.every_steps=0",
         "checkpoint.save_final=false", "eval.zeroshot_data=null", "train.track_memory=true"]
@@ -207,8 +215,10 @@ def _cell_record(cell: Cell, how: str, bounds: Tuple[Optional[int], Optional[int
     ``probes`` = (run now, in all)."""
     (lo, hi), (status, reason), (ran, total) = bounds, status, probes
     best = outcomes.get(lo, {}) if lo is not None else {}
+    micro, k, contrastive = cell.setup().rows_cols(lo or 0)
     return {"cell": cell.key, **asdict(cell), "world": cell.world, "how": how, "status": status, "reason": reason,
             "max_batch": lo or 0, "first_fail": hi, "probes": ran, "probes_total": total,
+            "micro_batch": micro, "accum_steps": k if cell.micro else 1, "contrastive_batch": contrastive,
             "peak_gib": best.get("peak_gib"), "reserved_gib": best.get("reserved_gib"),
             "step_time_s": best.get("step_time_s"), "samples_per_s": best.get("samples_per_s")}
 

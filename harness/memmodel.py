@@ -15,20 +15,21 @@ Peak = max(forward/backward peak, optimizer-step peak), with
   (``stage_1_and_2.py``); at ZeRO-3 one persistent bucket per communication dtype, in that dtype, and every
   parameter of at most ``stage3_param_persistence_threshold`` elements (default 1e5) held whole on every rank;
   DDP's gradient buckets (a copy of the gradients);
-* **activations** per sample, per transformer block with ``s`` tokens, width ``h``, MLP width ``m``, ``a``
-  heads (Korthikanti et al., arXiv 2205.05198, counted for these blocks): ``9 s h + 2 s m`` elements saved
-  for backward, plus ``a s^2`` with the unfused ``math`` attention (FlashAttention-style kernels keep
-  O(s)); a checkpointed block keeps only its input ``s h``, and one block is recomputed at a time in
-  backward, after the loss's buffers are freed (so the peak holds the larger of the two). Both
-  towers are summed (image: ``1 + (image/patch)^2`` tokens, DTP-ViT's shortened layers ``1 + L/compression``;
-  text: the context length). Elements cost 4 bytes in fp32 and 2 under bf16/fp16 autocast;
-* **contrastive loss** with a local loss: each rank holds ``[B, N B]`` logits for image and text (fp32,
-  saved log-softmax outputs and their gradients: ``16 N B^2`` bytes) and the gathered features.
+* **activations** per sample and per transformer block as the model's autograd graph keeps them
+  (:mod:`harness.actprofile`: tensors saved for backward, counted at two batch sizes under the precision's
+  autocast; this replaces Korthikanti et al.'s ``9 s h + 2 s m`` formula, arXiv 2205.05198, which misses
+  open_clip's fp32 text residual stream and DTP-ViT's pooling buffers); a checkpointed block keeps only its
+  input. The forward/backward peak is the largest of the start of backward (every activation and the loss's
+  buffers) and each block's backward (:func:`backward_points`), tower by tower in autograd's order, with the
+  block recomputed if checkpointed, its gradients in flight, and the parameter gradients already made;
+* **contrastive loss** per form (:func:`loss_bytes`): dense CLIP / SigLIP (``[B, N]`` fp32 matrices), tiled
+  (``[B, tile]``), and accumulation with negatives (the cached features of ``K`` micro batches).
 
 Calibration (:meth:`MemoryModel.add_measurement`): for each family of cells sharing model, precision,
 attention and checkpointing, a multiplier on the activations is fitted to how measured peaks grow with
-the batch within a cell (the logits term is exact and stays analytic), and each measured setup (stage,
-world size) gets its additive offset; setups not measured yet take the family's mean offset, families
+the batch within a cell (the loss term is exact and stays analytic), and each measured setup (stage,
+world size) gets its additive offset; setups not measured yet borrow the offsets of the family's setups of
+the same world size (else the same stage, else all), families
 without measurements the analytic values. :meth:`MemoryModel.error_report` compares predictions with
 every measured probe.
 """
@@ -40,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from harness.actprofile import ActivationProfile, activation_profile
 from harness.config import GIB
-from harness.modelshape import Block, ModelShape, model_shape
+from harness.modelshape import ModelShape, model_shape
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +63,19 @@ class Setup:
     checkpointing: int
     attention: str
     world: int
+    loss: str = "clip"
+    loss_impl: str = "dense"
+    tile: int = 1024
+    micro: int = 0
+    """0: the searched batch is the micro batch (no accumulation). ``micro > 0``: the micro batch is fixed at this
+    and the searched batch is the count ``K`` of micro batches accumulated with negatives (the contrastive batch
+    is ``K x micro x world``)."""
+
+    def rows_cols(self, batch: int) -> Tuple[int, int, int]:
+        """``(micro batch, accumulation count K, contrastive batch N)`` of searched batch ``batch``."""
+        if self.micro:
+            return self.micro, batch, batch * self.micro * self.world
+        return batch, 1, batch * self.world
 
     @property
     def launch_json(self) -> Dict:
@@ -119,49 +134,82 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
             out.update(params=0.0, grads=0.0, optimizer=0.0)
     else:  # FSDP2: fp32 shards; blocks gathered in the compute dtype, the root group in fp32
         e = _elem_bytes(s.precision)
+        # one rank: the all-gather of a single shard is the shard itself (measured: no unsharded copy)
         out.update(params=4 * P / N, grads=4 * P / N, optimizer=8 * P / N,
-                   gathered=4 * shape.root_params + 2 * e * shape.largest_block)
-        if stage == "fsdp-sgo":
+                   gathered=(4 * shape.root_params + 2 * e * shape.largest_block) if N > 1 else 0.0)
+        if stage == "fsdp-sgo" and N > 1:
             out["gathered"] += e * shape.block_params
     return out
 
 
-def _tower_activation_elems(blocks: Tuple[Block, ...], attention: str, every: int) -> Tuple[float, float]:
-    """(elements kept for backward per sample, elements of the largest recomputed block) for one tower."""
-    kept, recompute = 0.0, 0.0
-    for i, b in enumerate(blocks, start=1):
-        full = 9 * b.tokens * b.width + 2 * b.tokens * b.mlp
-        if attention == "math":
-            full += b.heads * b.tokens ** 2  # the softmax probabilities, saved for backward
-        if every and i % every == 0:
-            kept += b.tokens * b.width
-            recompute = max(recompute, full)
-        else:
-            kept += full
-    return kept, recompute
+def backward_points(shape: ModelShape, prof: ActivationProfile, s: Setup, batch: int,
+                    grad_bytes: float) -> List[Tuple[float, float]]:
+    """The memory of the forward/backward above the states without gradients, at each point where a peak can
+    come, as ``(unscaled, activation)`` bytes pairs (the calibration scales the second): the start of backward
+    (every activation kept, the loss's buffers) and, tower by tower in backward order (the text tower first:
+    open_clip encodes it last, and autograd runs the later nodes first), each block's backward (the activations
+    still kept, the block recomputed if checkpointed, its gradients in flight, the parameter gradients of
+    everything already back-propagated). ``grad_bytes`` are the gradient bytes per parameter on this rank."""
+    kept_blocks = {t: [b.input if _checkpointed(s, i, t, shape) else b.saved for i, b in enumerate(bl)]
+                   for t, bl in prof.blocks.items()}
+    kept = prof.inputs + sum(prof.outside.values()) + sum(sum(v) for v in kept_blocks.values())
+    points = [(0.0, kept * batch)]  # the loss's own buffers are added by the caller at this point
+    grads, live = 0.0, kept
+    for tower in ("text", "image"):
+        blocks, shapes = prof.blocks.get(tower, ()), shape.towers.get(tower, ())
+        for i in reversed(range(len(blocks))):
+            b = blocks[i]
+            extra = (b.saved - b.input if kept_blocks[tower][i] == b.input else 0.0) + b.working
+            points.append((grads, (live + extra) * batch))
+            live -= kept_blocks[tower][i]
+            grads += grad_bytes * shapes[i].params
+        live -= prof.outside.get(tower, 0.0)
+        grads += grad_bytes * shape.tower_root_params.get(tower, 0)
+    return points
 
 
-def activation_bytes_per_sample(shape: ModelShape, s: Setup) -> Tuple[float, float]:
-    """``(kept, recompute)``: activation bytes one sample keeps alive from the forward to the loss (both
-    towers, embeddings included), and the bytes of the largest checkpointed block recomputed in backward,
-    which live only after the loss's own buffers are gone."""
-    e = _elem_bytes(s.precision)
-    total_kept, recompute = 0.0, 0.0
-    for blocks in shape.towers.values():
-        kept, rec = _tower_activation_elems(blocks, s.attention, s.checkpointing)
-        first = blocks[0] if blocks else None
-        if first is not None:
-            kept += 6 * first.tokens * first.width  # embeddings, pre/post norms, pooling
-        total_kept += kept
-        recompute = max(recompute, rec)
-    return total_kept * e + 4 * shape.image_elems, recompute * e
+def _checkpointed(s: Setup, i: int, tower: str, shape: ModelShape) -> bool:
+    """Whether block ``i`` of ``tower`` is checkpointed: every ``s.checkpointing``-th block, counted over
+    each tower's blocks in forward order (:func:`models.blocks.checkpoint_every`)."""
+    return bool(s.checkpointing) and (i + 1) % s.checkpointing == 0
 
 
-def logits_bytes(shape: ModelShape, s: Setup, batch: int) -> float:
-    """Contrastive-loss memory with a local loss: ``[B, N B]`` image and text logits (fp32 log-softmax
-    outputs and their gradients) plus the gathered features."""
-    N = s.world
-    return 16.0 * N * batch * batch + 2 * 4.0 * N * batch * shape.embed_dim
+def loss_bytes(s: Setup, embed_dim: int, batch: int) -> float:
+    """Bytes of the contrastive loss of one rank at searched batch ``batch`` (``B`` micro batch rows, ``N``
+    contrastive-batch columns, ``d`` embedding width, fp32), per form (measured against :mod:`harness.losses`
+    with the CPU tensor tracker, ``tests/test_memmodel_loss.py``):
+
+    * **dense CLIP** (open_clip ``ClipLoss``, local loss, gather-with-grad): two ``[B, N]`` log-softmax outputs
+      kept for backward and, in backward, a ``[B, N]`` gradient and its log-softmax input gradient: ``16 B N``;
+      the scaled rows kept for backward and the rows' feature gradients ``16 B d``; with other ranks, the
+      gathered ``[N, d]`` image and text features and their gradients ``16 N d``;
+    * **dense SigLIP** (open_clip ``SigLipLoss``): five ``[B, N]`` fp32 matrices (logits, signed logits, their
+      log-sigmoid and gradients) ``20 B N``, ``8 B d``, the received texts and their gradients ``8 N d``;
+    * **tiled CLIP** (:mod:`harness.losses`, Inf-CL): one ``[B, t]`` tile and its product ``8 B min(t, N)``, the
+      scaled rows, gradient accumulators and row gradients of both directions ``16 B d``, the columns'
+      gradients ``12 N d``; the gathered columns ``8 N d``;
+    * **tiled SigLIP**: the larger of the forward (a tile, its signed copy and the log-sigmoid's buffer,
+      ``12 B t``, and ``8 B d``) and the backward (``8 B t``, ``8 B d`` and the columns and their gradients
+      ``8 N d``); the gathered texts ``4 N d``;
+    * **accumulated with negatives** (GradCache, Gao et al. 2021; ``s.micro > 0``): the features of all ``K``
+      micro batches, computed without gradients and gathered over the ranks, are cached (``8 N d``, image and
+      text, plus this rank's own ``8 K B d``) while each micro batch is recomputed with gradients against them:
+      the loss above with ``B`` rows and ``N`` columns, whose gathered columns are the cache.
+    """
+    B, K, N = s.rows_cols(batch)
+    d = float(embed_dim)
+    cached = s.micro > 0
+    gathered = N > B
+    cache = 8 * N * d + 8 * K * B * d if cached else 0.0
+    if s.loss_impl == "tiled":
+        t = float(min(s.tile, N))
+        if s.loss == "siglip":
+            core = max(12 * B * t + 8 * B * d, 8 * B * t + 8 * B * d + 8 * N * d)
+            return cache + core + (4 * N * d if gathered and not cached else 0.0)
+        return cache + 8 * B * t + 4 * d * (4 * B + 3 * N) + (8 * N * d if gathered and not cached else 0.0)
+    if s.loss == "siglip":
+        return cache + 20.0 * B * N + 8 * B * d + (8 * N * d if gathered and not cached else 0.0)
+    return cache + 16.0 * B * N + 16 * B * d + (16 * N * d if gathered and not cached else 0.0)
 
 
 class MemoryModel:
@@ -181,12 +229,14 @@ class MemoryModel:
         return (model, s.precision, s.attention, s.checkpointing)
 
     def components(self, model: str, s: Setup, batch: int) -> Dict[str, float]:
-        """Analytic (uncalibrated) components in bytes: states, buffers, activations, logits, step_extra."""
+        """Analytic (uncalibrated) components in bytes: states, buffers, ``activations`` (kept from the forward
+        to the loss), ``logits`` (the contrastive loss per form, :func:`loss_bytes`), ``step_extra``."""
         shape = model_shape(model)
         out = state_bytes(shape, s, self.device_type)
-        kept, recompute = activation_bytes_per_sample(shape, s)
-        out["activations"], out["recompute"] = batch * kept, batch * recompute
-        out["logits"] = logits_bytes(shape, s, batch)
+        micro = s.rows_cols(batch)[0]
+        pts = backward_points(shape, activation_profile(model, s.precision, s.attention), s, micro, 0.0)
+        out["activations"] = pts[0][1]
+        out["logits"] = loss_bytes(s, shape.embed_dim, batch)
         # the optimizer step's temporaries: torch's AdamW on CUDA is the foreach implementation (about two
         # more copies of the local gradients); on a CPU the per-tensor loop (two copies of the largest local
         # tensor: DeepSpeed steps one flat fp32 partition, FSDP2 and DDP per parameter)
@@ -198,47 +248,55 @@ class MemoryModel:
             out["step_extra"] = 2 * 4.0 * shape.largest_param / (s.world if s.stage.startswith("fsdp") else 1)
         return out
 
-    def _forward_parts(self, model: str, s: Setup, batch: int) -> Tuple[float, float, float, float]:
-        """(constant part, kept activations, logits, recompute) of the forward/backward branch in bytes,
-        uncalibrated. That peak comes at the start of backward, when every activation is alive and the
-        gradients (freed by the previous step's ``zero_grad``) are not yet: it holds the states without the
-        gradients."""
-        c = self.components(model, s, batch)
-        states = sum(v for k, v in c.items() if k not in ("activations", "recompute", "logits", "step_extra"))
-        return states - c.get("grads", 0.0), c["activations"], c["logits"], c["recompute"]
+    def _forward_parts(self, model: str, s: Setup, batch: int) -> Tuple[float, List[Tuple[float, float]]]:
+        """``(constant, points)`` of the forward/backward branch, uncalibrated: the states without the gradients
+        (freed by the previous step's ``zero_grad``, allocated again during backward), and per point where the
+        peak can come (:func:`backward_points`) the ``(unscaled, activation)`` bytes above them, the loss's
+        buffers at the start of backward."""
+        shape = model_shape(model)
+        c = state_bytes(shape, s, self.device_type)
+        const = sum(c.values()) - c.get("grads", 0.0)
+        micro = s.rows_cols(batch)[0]
+        grad_per_param = c.get("grads", 0.0) / shape.params
+        pts = backward_points(shape, activation_profile(model, s.precision, s.attention), s, micro, grad_per_param)
+        pts[0] = (loss_bytes(s, shape.embed_dim, batch), pts[0][1])
+        return const, pts
 
     def predict(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
-        """Predicted peak bytes of one rank at micro batch ``batch``."""
+        """Predicted peak bytes of one rank at searched batch ``batch`` (the micro batch, or with ``s.micro``
+        the accumulation count)."""
         return max(self.forward_peak(model, s, batch, calibrated), self.step_peak(model, s))
 
     def forward_peak(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
-        """The forward/backward branch of the peak: states without gradients, the calibrated activations,
-        then the larger of the contrastive logits (analytic: their size is exact) and a recomputed
-        checkpointed block (which comes after the loss's buffers are freed)."""
-        const, acts, logits, recompute = self._forward_parts(model, s, batch)
+        """The forward/backward branch of the peak: the states without gradients, plus the largest over the
+        points of :func:`backward_points` of the analytic part and the calibrated activations."""
+        const, pts = self._forward_parts(model, s, batch)
         alpha, beta = self._calibration(model, s) if calibrated else (1.0, 0.0)
-        return const + beta + alpha * acts + max(logits, alpha * recompute)
+        return const + beta + max(u + alpha * a for u, a in pts)
 
     def step_peak(self, model: str, s: Setup) -> float:
         """The optimizer-step branch of the peak (all states and the step's temporaries), batch-independent."""
         c = self.components(model, s, 1)
-        return sum(v for k, v in c.items() if k not in ("activations", "recompute", "logits"))
+        return sum(v for k, v in c.items() if k not in ("activations", "logits"))
 
     def is_forward_dominated(self, model: str, s: Setup, peak_bytes: float) -> bool:
         """A measured peak clearly above the optimizer-step branch: it tells how memory grows with the batch."""
         return peak_bytes > 1.02 * self.step_peak(model, s)
 
     def _calibration(self, model: str, s: Setup) -> Tuple[float, float]:
-        """(alpha, offset) for ``s``: its own offset if measured, else the mean offset of the same stage at
-        other world sizes, else of the whole family."""
+        """(alpha, offset) for ``s``: its own offset if measured, else the mean offset of the family's setups of
+        the same world size, else of the same stage, else of the whole family."""
         fam = self._fit.get(self.family(model, s))
         if fam is None:
             return 1.0, 0.0
         alpha, offsets = fam
         if s in offsets:
             return alpha, offsets[s]
-        same_stage = [v for k, v in offsets.items() if k.stage == s.stage] or list(offsets.values())
-        return alpha, (sum(same_stage) / len(same_stage) if same_stage else 0.0)
+        # what the analytic constant part misses is set mostly by how the states are sharded: prefer setups of the
+        # same world size, then of the same stage, then any
+        near = ([v for k, v in offsets.items() if k.world == s.world] or
+                [v for k, v in offsets.items() if k.stage == s.stage] or list(offsets.values()))
+        return alpha, (sum(near) / len(near) if near else 0.0)
 
     def max_batch(self, model: str, s: Setup, limit_bytes: float, granularity: int, cap: int,
                   anchor: Optional[Tuple[int, float, float]] = None) -> int:
@@ -280,11 +338,10 @@ class MemoryModel:
         for model, s, batch, peak in self.points:
             if self.family(model, s) != fam:
                 continue
-            const, acts, logits, recompute = self._forward_parts(model, s, batch)
+            const, pts = self._forward_parts(model, s, batch)
+            u, acts = max(pts, key=lambda p: p[0] + p[1])  # the analytic peak's point
             if self.is_forward_dominated(model, s, peak) and acts > 0:
-                # the loss's logits as the second part (the usual case at large batches; a recomputed block
-                # is smaller than the logits there)
-                by_setup.setdefault(s, []).append((acts, peak - const - max(logits, recompute)))
+                by_setup.setdefault(s, []).append((acts, peak - const - u))
         if not by_setup:
             return
         sxy = sxx = 0.0

@@ -39,6 +39,9 @@ class ModelShape:
     image_elems: int
     largest_param: int
     param_numels: Tuple[int, ...] = ()
+    tower_root_params: Dict[str, int] = None
+    """``{"image": n, "text": m}``: each tower's parameters outside its transformer blocks (patch or token
+    embedding, positions, norms, projection); the logit scale and bias belong to neither."""
 
     @property
     def block_params(self) -> int:
@@ -85,4 +88,9 @@ def model_shape(name: str) -> ModelShape:
     params = sum(p.numel() for p in model.parameters())
     in_blocks = sum(b.params for blocks in towers.values() for b in blocks)
     numels = tuple(p.numel() for p in model.parameters())
-    return ModelShape(params, towers, params - in_blocks, arch["embed_dim"], 3 * size * size, max(numels), numels)
+    visual = sum(p.numel() for p in model.visual.parameters())
+    loose = sum(p.numel() for n, p in model.named_parameters() if n.startswith("logit_"))
+    blocks_of = {t: sum(b.params for b in blocks) for t, blocks in towers.items()}
+    roots = {"image": visual - blocks_of["image"], "text": params - visual - loose - blocks_of["text"]}
+    return ModelShape(params, towers, params - in_blocks, arch["embed_dim"], 3 * size * size, max(numels), numels,
+                      roots)

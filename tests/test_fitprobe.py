@@ -192,9 +192,9 @@ def test_calibrated_search_needs_at_most_3_probes_per_cell(sweep):
 def test_table_markdown_csv_and_plot(sweep):
     out, _ = sweep
     md = (out / "table.md").read_text()
-    header = ("| model | batch size | # nodes | # GPUs per node | effective batch size | cluster | partition | fit? | "
-              "stage | precision | checkpointing | attention | device (memory) | peak alloc GiB | reserved GiB | "
-              "step time (s) | samples/s | status | how |")
+    header = ("| model | batch size | # nodes | # GPUs per node | effective batch size | contrastive batch | cluster | "
+              "partition | fit? | stage | precision | checkpointing | attention | loss | device (memory) | "
+              "peak alloc GiB | reserved GiB | step time (s) | samples/s | status | how |")
     assert header in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ViT-")]
     assert len(rows) == 16  # a fitting and a failing row per cell
@@ -203,6 +203,9 @@ def test_table_markdown_csv_and_plot(sweep):
     assert any("✅ (predicted)" in r for r in rows)
     assert (out / "table.csv").read_text().count("\n") == 17
     assert (out / "peak_memory_vs_batch.png").stat().st_size > 10_000
+    heat = json.loads((out / "fit_heatmap.json").read_text())  # 2 models x 2 stages, 1 and 4 GPUs
+    assert heat["columns"] == ["1x1", "1x4"] and len(heat["rows"]) == 4
+    assert {m for row in heat["marks"] for m in row} == {"M", "E", "P"}
 
 
 @pytest.mark.slow
