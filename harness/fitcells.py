@@ -224,22 +224,12 @@ def build_cells(args: ProbeOptions) -> List[Cell]:
     if args.tile_size < 1:
         raise ProbeInputError(f"--tile-size: must be a positive integer (columns per tile), got {args.tile_size}")
     micros = _int_list("--accum-search", args.accum_search, 1) if args.accum_search else [0]
-    if args.accum_search and not accumulation_with_negatives():
-        raise ProbeInputError("--accum-search: needs the trainer's gradient accumulation with negatives "
-                              "(train.accum_negatives), which this version of the harness does not have")
     return [Cell(m, st, p, c, a, n, g, lk, li, args.tile_size, mb) for m in names for st in stages
             for p in precisions for c in checkpointing for a in attention for n in nodes for g in gpus
             for lk, li in losses for mb in micros]
 
 
 LOSS_FORMS = ("clip-dense", "clip-tiled", "siglip-dense", "siglip-tiled")  # loss.kind - loss.impl
-
-
-def accumulation_with_negatives() -> bool:
-    """Whether the trainer has gradient accumulation with negatives (``train.accum_negatives``)."""
-    from harness.config import TrainConfig
-
-    return "accum_negatives" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def check_budget(budget_gib: Optional[float], device: Dict[str, Any]) -> None:

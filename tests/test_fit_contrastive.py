@@ -8,7 +8,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from harness.fitcells import Cell, ProbeOptions, accumulation_with_negatives
+from harness.fitcells import Cell, ProbeOptions
 from harness.fitreport import write_reports
 from harness.fitsearch import probe_args, search_cell
 from harness.losses import tiled_clip_loss, tiled_siglip_loss
@@ -107,16 +107,23 @@ def test_accumulation_search_finds_the_largest_k(boundary):
     assert boundary + 1 in seen and len(seen) == len(set(seen))
 
 
-def test_accum_search_is_refused_without_the_trainers_accumulation_with_negatives(tmp_path, capsys):
+@pytest.mark.slow
+def test_accum_search_runs_the_trainer_with_negatives(tmp_path):
+    """``--accum-search 64 --max-accum 4`` on the real trainer (one CPU process under a budget): the cell records
+    K = 4 accumulated micro batches of 64 and a contrastive batch of 256, and the probe's run really trained with
+    that contrastive batch (its ``summary.json``)."""
     from harness.fitprobe import main
 
-    if accumulation_with_negatives():
-        pytest.skip("the trainer has train.accum_negatives: the search is allowed")
-    code = main(["--models", "ViT-micro-8", "--accum-search", "32", "--budget-gib", "0.25", "--out",
-                 str(tmp_path / "out")])
-    assert code == 2 and "--accum-search: needs the trainer's gradient accumulation with negatives" in \
-        capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "fit"
+    code = main(["--models", "ViT-micro-8", "--stages", "ddp", "--precisions", "fp32", "--losses", "clip-tiled",
+                 "--accum-search", "64", "--max-accum", "4", "--budget-gib", "0.25", "--out", str(out)])
+    assert code == 0
+    (cell,) = [json.loads(x) for x in (out / "cells.jsonl").read_text().splitlines()]
+    assert (cell["status"], cell["how"]) == ("fits", "measured")
+    assert (cell["micro_batch"], cell["accum_steps"], cell["contrastive_batch"]) == (64, 4, 256)
+    (summary,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*/summary.json")]
+    assert summary["contrastive_batch_size"] == 256 and summary["micro_batch_size"] == 64
+    assert "K=4 x micro 64 accumulated with negatives" in (out / "table.md").read_text()
 
 
 def _record(cell: Cell, how: str, best: int, status: str = "fits"):
