@@ -30,11 +30,13 @@ ENGINES = ["zero2.yaml", "fsdp.yaml"]
 EXTRA = ("data.num_workers=0", "checkpoint.every_steps=3", "checkpoint.keep_last=20")
 
 
-def _metrics(run: Path) -> dict:
-    """Last record per step of ``metrics.jsonl`` (a resumed run's lines replace the killed run's); a line cut by a
-    kill is ignored."""
+def _metrics(run: Path, since: int = 0) -> dict:
+    """Last record per step of ``metrics.jsonl`` from byte ``since`` on (a resumed run's lines replace the killed
+    run's); a line cut by a kill is ignored."""
     out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    path = run / "metrics.jsonl"
+    text = path.read_bytes()[since:].decode(errors="replace") if path.is_file() else ""
+    for line in text.splitlines():
         try:
             r = json.loads(line)
         except ValueError:
@@ -60,10 +62,11 @@ def _launch_and_kill(config: str, args, at_step: int, rank: int, run: Path) -> i
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
            str(REPO / "ds_configs" / config), "--main_process_port", str(free_port()), str(REPO / "train.py"), *args]
+    since = (run / "metrics.jsonl").stat().st_size if (run / "metrics.jsonl").is_file() else 0
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and max(_metrics(run), default=0) >= at_step:
+        if max(_metrics(run, since), default=0) >= at_step:  # this launch's own lines
             break
         time.sleep(0.05)
     victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -86,10 +89,10 @@ def _damage(path: Path, how: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ENGINES)
 def test_kills_and_damaged_checkpoints_resume_bit_for_bit(tmp_path, digits_dir, config, caplog):
-    """One 20-step 2-process run is killed three times and resumed from a damaged checkpoint, and ends bit for bit
+    """One 20-step 2-process run is killed six times and resumed from a damaged checkpoint, and ends bit for bit
     like the uninterrupted run (every step's loss and LR, the final weights):
-    kill -9 of a random rank at a random step; kill -9 of a rank inside a checkpoint save; kill -9 again at a random
-    later step; then the newest checkpoint gets a truncated file and ``--resume latest`` falls back to the previous
+    kill -9 of a random rank at a random step; kill -9 of a rank inside a checkpoint save; kill -9 at 4 random
+    later steps; then the newest checkpoint gets a truncated file and ``--resume latest`` falls back to the previous
     one, naming the file. Before that, every file of the uninterrupted run's newest checkpoint, truncated, emptied or
     deleted in a copy, makes the verified choice fall back to the previous checkpoint, naming that file."""
     rng = random.Random(f"faults-{config}")
@@ -108,10 +111,12 @@ def test_kills_and_damaged_checkpoints_resume_bit_for_bit(tmp_path, digits_dir, 
     assert killed.returncode != 0
     assert int(complete_checkpoints(split / "checkpoints")[-1].name[5:]) == last  # the half-written one is no candidate
     tried.append(f"kill -9 rank {r2} inside the save of step {in_save}")
-    k3, r3 = rng.randint(in_save + 1, 17), rng.randint(0, 1)
     resume = _args(tmp_path, digits_dir, "split", *EXTRA, "--resume", "latest")
-    assert _launch_and_kill(config, resume, k3, r3, split) != 0
-    tried.append(f"kill -9 rank {r3} at step >= {k3}")
+    for _ in range(4):  # kill -9 at random later steps, each after the resumed run's first step
+        start = int(complete_checkpoints(split / "checkpoints")[-1].name[5:])
+        k, r = rng.randint(start + 1, min(start + 5, 18)), rng.randint(0, 1)
+        assert _launch_and_kill(config, resume, k, r, split) != 0
+        tried.append(f"kill -9 rank {r} at step >= {k}")
 
     newest, previous = complete_checkpoints(split / "checkpoints")[-2:][::-1]
     shard = sorted(f for f in checkpoint_files(newest) if "rank_1" in f or "__1_" in f or "rank_00001" in f)[0]
