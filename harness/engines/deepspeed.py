@@ -174,10 +174,10 @@ class DeepSpeedEngine:
         watch = self.scale_watch if boundary else None
         if watch is not None:
             watch.before()
-        skipped_before, zero0_flag = self.engine.skipped_steps, None
+        skipped_before, zero0_norm = self.engine.skipped_steps, None
         if boundary and self.zero_stage == 0 and watch is None:  # ZeRO-0 does not skip by itself: our AdamW does
-            zero0_flag = total_grad_norm(self.module.parameters(), self.device)
-            self.guard.optimizer_step(self.engine.optimizer, zero0_flag, self.engine.step)
+            zero0_norm = total_grad_norm(self.module.parameters(), self.device)
+            self.guard.optimizer_step(self.engine.optimizer, zero0_norm, self.engine.step)
         else:
             self.engine.step()
         if watch is not None:
@@ -191,8 +191,10 @@ class DeepSpeedEngine:
                 self.grad_norm = norm.detach().float().reshape(())
             elif norm is not None:  # a device fill from a host float: no sync
                 self.grad_norm = torch.full((), float(norm), device=self.device)
-            if zero0_flag is None:
+            if zero0_norm is None:
                 self.guard.count_external_step(skipped, self.grad_norm)
+            else:  # ZeRO-0 reports no norm: the one the guard computed (before clipping, as the others)
+                self.grad_norm = zero0_norm.detach().float().reshape(())
         return boundary
 
     def lr(self) -> float:
