@@ -30,7 +30,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14"],  # TensorBoard event files are read back in tests
+        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "psutil>=5.9"],  # tensorboard: read back; psutil: kills
         "report": ["tensorboard>=2.14", "wandb>=0.17"],  # train.report_to=tensorboard,wandb
         "peer": ["pandas"],  # open_clip_train (the peer benchmark) imports it
         "flash": ["flash-attn>=2.5"],  # CUDA only; built from source, optional

@@ -4,30 +4,63 @@ Layout: ``<run_dir>/checkpoints/step_00000100/`` holding the engine's files (``m
 DeepSpeed's ``deepspeed/`` tag folder with per-rank ZeRO partitions), one ``rank_00000.pt`` per rank
 (RNG states and data position) and ``meta.json`` (step, samples seen, world size, config).
 
-Atomicity: every rank writes into ``step_XXXXXXXX.tmp``; after a barrier rank 0 writes
-``meta.json`` and renames the folder to its final name (a single ``rename``). A run killed at any
-point of a save leaves either the complete new checkpoint or a ``.tmp`` folder that is ignored (and
-removed by the next save), so ``resume latest`` always finds the last complete one.
+Atomicity: every rank writes into ``step_XXXXXXXX.tmp``; after a barrier the ranks checksum the files
+(:mod:`harness.ckptverify`), rank 0 writes ``meta.json`` (with every file's size and CRC-32) and renames the folder
+to its final name (a single ``rename``). A run killed at any point of a save leaves either the complete new
+checkpoint or a ``.tmp`` folder that is ignored (and removed by the next save), so ``resume latest`` always finds
+the last complete one. Before a restore the checkpoint is verified; ``resume latest`` falls back to the newest one
+that verifies and moves the bad newer ones aside (``step_XXXXXXXX.corrupt``: ignored, never deleted). Parameters
+are checked finite before a save (:mod:`harness.guard`): a checkpoint of non-finite weights is never written.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from harness import ckptverify
 from harness.distributed import barrier as _barrier
+from harness.errors import ConfigError, NonFiniteError
+from harness.guard import parameters_finite
+
+log = logging.getLogger("harness")
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 FAULT_ENV = "HARNESS_FAULT_IN_CHECKPOINT_SAVE"
-"""Test hook: when set to a step number, the process exits after writing that step's files but before
-the checkpoint is made complete (a kill in the middle of saving)."""
+"""Test hook: when set to a step number, the process exits (status 17) after writing that step's files but before
+the checkpoint is made complete (a kill in the middle of saving); ``STEP@RANK``: only that rank, by SIGKILL."""
+
+
+def _save_fault(step: int, rank: int) -> None:
+    hook = os.environ.get(FAULT_ENV, "")
+    at, _, only = hook.partition("@")
+    if at != str(step):
+        return
+    if not only:
+        os._exit(17)  # simulated kill in the middle of a save (tests)
+    if int(only) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint folder to ``<name>.corrupt`` (``.corrupt1``... if taken): out of every listing,
+    nothing deleted. Returns the new path."""
+    path = Path(path)
+    target, n = path.with_name(path.name + ".corrupt"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt{n}")
+    os.replace(path, target)
+    return target
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -82,9 +115,15 @@ def save_checkpoint(engine, root: Path, step: int, meta: Dict[str, Any], rank_st
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    if final.exists():  # already saved at this step (e.g. periodic save on the last step)
+    if (final / "meta.json").is_file():  # already saved at this step (e.g. periodic save on the last step)
         return final
+    engine.guard.check_now(step)  # a run of non-finite steps past the limit stops here, before any write
+    if not parameters_finite(engine.module, engine.device):
+        raise NonFiniteError(f"checkpoint at step {step} not written: the parameters are not finite (the older "
+                             f"checkpoints in {root} are kept)")
     if rank == 0:
+        if final.exists():  # a damaged folder of this step (no meta.json): kept aside, not overwritten
+            log.warning("checkpoint folder %s has no meta.json: moved to %s", final, set_aside(final))
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -92,12 +131,12 @@ def save_checkpoint(engine, root: Path, step: int, meta: Dict[str, Any], rank_st
     _barrier()
     engine.save(tmp, rank)
     torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-    if os.environ.get(FAULT_ENV) == str(step):
-        os._exit(17)  # simulated kill in the middle of a save (tests)
+    _save_fault(step, rank)
     _barrier()
+    files = ckptverify.manifest(tmp)  # collective: each rank checksums its share of the files
     if rank == 0:
         meta_tmp = tmp / "meta.json.tmp"
-        meta_tmp.write_text(json.dumps(meta, indent=2, default=str))
+        meta_tmp.write_text(json.dumps({**meta, "checksum": "crc32", "files": files}, indent=2, default=str))
         os.replace(meta_tmp, tmp / "meta.json")
         os.replace(tmp, final)  # the commit point
         for old in complete_checkpoints(root)[:-keep_last]:
@@ -109,6 +148,22 @@ def save_checkpoint(engine, root: Path, step: int, meta: Dict[str, Any], rank_st
 def read_meta(ckpt: Path) -> Dict[str, Any]:
     """``meta.json`` of a checkpoint folder."""
     return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def newest_meta(ckpt: Path) -> Dict[str, Any]:
+    """``meta.json`` of ``ckpt``, or, when it cannot be read, of the newest older complete checkpoint beside it
+    whose ``meta.json`` can (the run's settings, for the resume compatibility check before any process group;
+    the checkpoint itself is verified later, :meth:`CheckpointManager.verified`).
+
+    Raises:
+        ConfigError: no readable ``meta.json`` at all.
+    """
+    ckpt = Path(ckpt)
+    for c in [ckpt, *reversed([c for c in complete_checkpoints(ckpt.parent) if c.name < ckpt.name])]:
+        meta = ckptverify.read_meta_or_none(c)
+        if meta is not None:
+            return meta
+    raise ConfigError(f"checkpoint.resume: no readable meta.json in {ckpt} or the checkpoints before it")
 
 
 def load_rank_state(ckpt: Path, rank: int) -> Dict[str, Any]:
@@ -156,13 +211,16 @@ class CheckpointManager:
         run_dir: the run folder (checkpoints go to ``run_dir/checkpoints``).
         keep_last: complete checkpoints kept.
         rank: this process's rank.
+        fallback: a restore may fall back to an older checkpoint of the run (``checkpoint.resume=latest``).
     """
 
-    def __init__(self, run_dir: Path, keep_last: int, rank: int):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, fallback: bool = False):
         self.root = checkpoint_root(run_dir)
+        self.fallback = fallback
         self.keep_last = keep_last
         self.rank = rank
         self.last_step: Optional[int] = None  # step of the last checkpoint saved or restored by this process
+        self.restored_from: Optional[Path] = None  # the checkpoint restore() loaded (after verification)
 
     def save(self, engine, step: int, meta: Dict[str, Any], rank_state: Dict[str, Any]) -> Path:
         """Save checkpoint ``step`` (collective); see :func:`save_checkpoint`."""
@@ -170,8 +228,48 @@ class CheckpointManager:
         self.last_step = step
         return path
 
+    def verified(self, ckpt: Path) -> Path:
+        """The checkpoint to restore (collective; every rank gets the same): ``ckpt`` if it verifies
+        (:func:`harness.ckptverify.verify`); else, when ``ckpt`` is in this run's checkpoints folder and
+        ``fallback`` (``resume latest``), the newest one there that verifies, each bad file named in the log and
+        the bad newer checkpoints moved aside (:func:`set_aside`) so that the resumed run can write those steps
+        again.
+
+        Raises:
+            ConfigError: ``checkpoint.resume``: an explicit checkpoint that does not verify, or no checkpoint that
+                does (naming the bad files).
+        """
+        ckpt = Path(ckpt)
+        in_run = self.fallback and ckpt.parent.resolve() == self.root.resolve()
+        bad: List[Path] = []
+        for candidate in list(reversed(complete_checkpoints(self.root))) if in_run else [ckpt]:
+            problems = ckptverify.verify(candidate)
+            if not problems:
+                break
+            if self.rank == 0:
+                log.warning("checkpoint %s does not verify: %s", candidate, "; ".join(problems))
+            if not in_run:
+                raise ConfigError(f"checkpoint.resume: {candidate} does not verify: {'; '.join(problems)}")
+            bad.append(candidate)
+        else:
+            raise ConfigError(f"checkpoint.resume: no checkpoint in {self.root} verifies (see the log above)")
+        # later folders without meta.json (never made complete by a save, or that file lost): not candidates
+        headless = sorted(p for p in self.root.glob("step_*") if _STEP_DIR.match(p.name)
+                          and p.name > candidate.name and not (p / "meta.json").is_file()) if in_run else []
+        if self.rank == 0:
+            for h in headless:
+                log.warning("checkpoint %s does not verify: %s: missing", h, h / "meta.json")
+            if bad or headless:
+                log.warning("falling back to %s", candidate)
+            for b in bad + headless:
+                log.warning("moved %s aside to %s", b, set_aside(b))
+        _barrier()
+        return candidate
+
     def restore(self, engine, ckpt: Path) -> Tuple[int, Dict[str, Any]]:
-        """Load engine state from ``ckpt`` and set this rank's RNG; returns ``(step, rank state)``."""
+        """Verify ``ckpt`` (falling back as :meth:`verified` says), load engine state from the checkpoint chosen
+        (``restored_from``) and set this rank's RNG; returns ``(step, rank state)``."""
+        ckpt = self.restored_from = self.verified(ckpt)
         engine.load(ckpt)
         state = load_rank_state(ckpt, self.rank)
         set_rng_state(state["rng"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from harness.config_manager import describe, from_dict, load_preset, merge, nested, parse_override
-from harness.errors import ConfigError
+from harness.errors import NONFINITE_EXIT, ConfigError, NonFiniteError
 
 DEFAULT_PRESET = "digits"
 OOM_EXIT = 3  # exit status of a training process that ran out of memory (status/rank_*.json says "oom")
@@ -122,6 +122,9 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py", runner:
 
         try:
             (runner or run)(cfg)
+        except NonFiniteError as e:
+            print(f"error: non-finite: {e}", file=sys.stderr)
+            return NONFINITE_EXIT
         except Exception as e:
             if not is_out_of_memory(e):
                 raise

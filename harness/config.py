@@ -154,6 +154,10 @@ class TrainConfig:
     """Write a metrics line (loss, LR, timing, DTP boundary stats: means over the steps since the last line) every
     this many steps, and at the first step, the end of the timing warm-up and the last step. Only log steps read
     device values on the host (one small all-reduce); the steps between let the CPU run ahead of the GPU."""
+    max_nonfinite_steps: int = 10
+    """Stop the run (exit status 4, ``harness.errors.NONFINITE_EXIT``) after this many optimizer steps in a row were
+    skipped for a non-finite loss or gradient norm (:mod:`harness.guard`; every such step is skipped on every rank
+    and counted as ``nonfinite_steps``); checked at log steps and saves. 0: skip and count, never stop."""
     timing_warmup_steps: int = 5
     """Steps excluded from ``avg_step_time_s`` and ``samples_per_s`` as warm-up."""
     progress_bar: bool = True
@@ -205,6 +209,7 @@ class TrainConfig:
             "loss_scale_window": (self.loss_scale_window >= 1, "must be >= 1"),
             "log_every_steps": (self.log_every_steps >= 1, "must be >= 1"),
             "timing_warmup_steps": (self.timing_warmup_steps >= 0, "must be >= 0"),
+            "max_nonfinite_steps": (self.max_nonfinite_steps >= 0, "must be >= 0"),
             "memory_budget_gib": (self.memory_budget_gib is None or self.memory_budget_gib > 0, "must be > 0"),
             "emulate_world_size": (self.emulate_world_size is None or self.emulate_world_size >= 1, positive),
             "profile_step": (self.profile_step is None or self.profile_step >= 1, positive),

@@ -77,8 +77,9 @@ def prepare_run_dir(cfg: JobConfig, rank: int) -> Optional[Path]:
             log.warning("checkpoint.resume=latest: no complete checkpoint in %s; starting from scratch", root)
         return found
     path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise ConfigError(f"checkpoint.resume: {resume!r} is not a complete checkpoint (no meta.json)")
+    if ckpt_mod.ckptverify.read_meta_or_none(path) is None:
+        raise ConfigError(f"checkpoint.resume: {resume!r} is not a complete checkpoint ({path / 'meta.json'} is "
+                          "missing or unreadable)")
     return path
 
 
@@ -183,7 +184,7 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
     total_samples = total_train_samples(cfg)
     resume_from = prepare_run_dir(cfg, int(os.environ.get("RANK", "0")))
     if resume_from is not None:
-        check_resume_compatible(ckpt_mod.read_meta(resume_from), cfg, layout, total_samples)
+        check_resume_compatible(ckpt_mod.newest_meta(resume_from), cfg, layout, total_samples)
     elif cfg.model.pretrained:
         check_pretrained(cfg)
 

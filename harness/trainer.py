@@ -121,7 +121,8 @@ class Trainer:
                                                                 layout.global_batch_size, cfg.optim.min_lr_ratio))
         self.engine = build_engine(model, cfg, layout, schedule, self.device, ctx.launch)
         self.state = TrainState()
-        self.checkpoints = ckpt_mod.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, self.rank)
+        self.checkpoints = ckpt_mod.CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, self.rank,
+                                                      fallback=cfg.checkpoint.resume == "latest")
         self.data = DataTracker()
         self.profiler = StepProfiler(cfg.train.profile_step, cfg.run_dir, self.rank, self.device)
         self.loss_fn = build_loss(cfg.loss, self.rank, self.world)  # local loss, gather-with-grad (harness.losses)
@@ -165,7 +166,8 @@ class Trainer:
         if ctx.resume_from is not None:
             self.state.step, rank_state = self.checkpoints.restore(self.engine, ctx.resume_from)
             self.data = DataTracker(rank_state["data"])
-            log.info("resumed from %s at step %d (lr %.6g)", ctx.resume_from, self.state.step, self.engine.lr())
+            log.info("resumed from %s at step %d (lr %.6g)", self.checkpoints.restored_from, self.state.step,
+                     self.engine.lr())
         else:
             seed_everything(cfg.train.seed + self.rank)  # per-rank stream of any runtime randomness
         self.state.start_step = self.state.step
@@ -251,7 +253,7 @@ class Trainer:
         visual = self.engine.module.visual
         extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
         total = loss + sum(v.float() for v in extras.values()) if extras else loss
-        self.engine.backward(total)
+        self.engine.backward(self.engine.guard.watch_loss(total, self.state.step + 1))  # NaN in, NaN grads
         report = {"loss": loss.detach(), "logit_scale": scale.detach().reshape(-1)[0]}
         if bias is not None:
             report["logit_bias"] = bias.detach().reshape(-1)[0]
@@ -290,6 +292,7 @@ class Trainer:
                   "skipped_samples": bad, **status, **reduced}
         self.metrics.write(record)
         self.progress.show(record)
+        self.engine.guard.check(step, status)  # too many non-finite steps in a row: stop (harness.guard)
 
     def maybe_eval(self, final: bool = False) -> None:
         """Zero-shot evaluation every ``eval.every_steps`` and validation (:mod:`harness.validation`) every
@@ -387,6 +390,7 @@ class Trainer:
             "peak_device_gib": reserved_t + self.ctx.cuda_overhead_gib if device.type == "cuda" else None,
             "device_memory_gib": device_memory_gib(device), "memory_budget_gib": cfg.train.memory_budget_gib,
             "skipped_samples": bad, "skipped_optimizer_steps": status["skipped_optimizer_steps"],
+            "nonfinite_steps": status["nonfinite_steps"],
             "run_dir": str(cfg.run_dir), **self.device_settings(),
         }
         if self.syncs is not None:

@@ -32,6 +32,7 @@ class Engine(Protocol):
         zero_stage: the DeepSpeed ZeRO stage, None for the other engines.
         module: the unwrapped ``nn.Module`` (parameters, ``visual``, state dicts).
         optimizer_note: the optimizer and its implementation (``"AdamW (fused)"``), for the summary.
+        guard: the :class:`harness.guard.NonfiniteGuard` that skips and counts non-finite steps in :meth:`step`.
 
     The step reads no device value on the host: what it measures stays on the device (:meth:`step_metrics`)
     until a log step asks for it (:meth:`status`).
@@ -42,6 +43,7 @@ class Engine(Protocol):
     zero_stage: Optional[int]
     module: nn.Module
     optimizer_note: str
+    guard: Any
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``image [B, 3, H, W]``, ``text [B, L]`` -> open_clip's output dict (features, ``logit_scale``)."""
@@ -58,8 +60,9 @@ class Engine(Protocol):
         the host; empty where the engine does not compute them."""
 
     def status(self) -> Dict[str, Any]:
-        """``{"skipped_optimizer_steps": int, "loss_scale": float or None}``: reads device values, so only at log
-        steps and at the end."""
+        """``{"skipped_optimizer_steps": int, "loss_scale": float or None, "nonfinite_steps": int,
+        "nonfinite_in_a_row": int}``: reads device values and all-reduces, so only at log steps, saves and the end
+        (on every rank)."""
 
     def lr(self) -> float:
         """The LR of the next optimizer step."""

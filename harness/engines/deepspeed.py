@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from harness.config import BatchLayout, JobConfig
-from harness.distributed import LaunchInfo
+from harness.distributed import LaunchInfo, dist_info
 from harness.engines.common import ScaleWatch, build_optimizer, make_grad_scaler, num_parameters, optimizer_note
+from harness.guard import NonfiniteGuard, total_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +144,17 @@ class DeepSpeedEngine:
             self.grad_scaler = self.engine.torch_autocast_z0_gradscaler = make_grad_scaler(cfg, device.type)
             self.scale_watch = ScaleWatch(self.grad_scaler, device)
         self.grad_norm: Optional[torch.Tensor] = None
+        fp16 = cfg.train.precision == "fp16"
+        self.guard = NonfiniteGuard(device, cfg.train.max_nonfinite_steps, fp16, dist_info()[0])
 
     def status(self) -> Dict[str, Any]:
         """Skipped steps (DeepSpeed's count, or the ZeRO-0 scaler's) and the fp16 loss scale (log steps only)."""
         skipped = int(getattr(self.engine, "skipped_steps", 0))
         if self.scale_watch is not None:
             return {"skipped_optimizer_steps": skipped + self.scale_watch.count(),
-                    "loss_scale": float(self.grad_scaler.get_scale())}
+                    "loss_scale": float(self.grad_scaler.get_scale()), **self.guard.status()}
         scale = float(self.engine.optimizer.loss_scale) if self.ds_config["fp16"]["enabled"] else None
-        return {"skipped_optimizer_steps": skipped, "loss_scale": scale}
+        return {"skipped_optimizer_steps": skipped, "loss_scale": scale, **self.guard.status()}
 
     def step_metrics(self) -> Dict[str, torch.Tensor]:
         return {"grad_norm": self.grad_norm} if self.grad_norm is not None else {}
@@ -171,15 +174,27 @@ class DeepSpeedEngine:
         watch = self.scale_watch if boundary else None
         if watch is not None:
             watch.before()
-        self.engine.step()
+        skipped_before, zero0_norm = self.engine.skipped_steps, None
+        if boundary and self.zero_stage == 0 and watch is None:  # ZeRO-0 does not skip by itself: our AdamW does
+            zero0_norm = total_grad_norm(self.module.parameters(), self.device)
+            self.guard.optimizer_step(self.engine.optimizer, zero0_norm, self.engine.step)
+        else:
+            self.engine.step()
         if watch is not None:
             watch.after()
         if boundary:
+            skipped = self.engine.skipped_steps > skipped_before
+            if skipped:  # DeepSpeed does not advance the LR schedule on a skip; the harness does (harness.guard)
+                self.scheduler.step()
             norm = self.engine.get_global_grad_norm()  # a device tensor at ZeRO 1-3, the float inf after a skip
             if isinstance(norm, torch.Tensor):
                 self.grad_norm = norm.detach().float().reshape(())
             elif norm is not None:  # a device fill from a host float: no sync
                 self.grad_norm = torch.full((), float(norm), device=self.device)
+            if zero0_norm is None:
+                self.guard.count_external_step(skipped, self.grad_norm)
+            else:  # ZeRO-0 reports no norm: the one the guard computed (before clipping, as the others)
+                self.grad_norm = zero0_norm.detach().float().reshape(())
         return boundary
 
     def lr(self) -> float:

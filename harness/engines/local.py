@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from harness.config import BatchLayout, JobConfig
+from harness.distributed import dist_info
 from harness.engines.common import ScaleWatch, build_optimizer, make_grad_scaler, num_parameters, optimizer_note
+from harness.guard import NonfiniteGuard, total_grad_norm
 from harness.hardware import autocast_dtype
 
 
@@ -22,7 +24,8 @@ class LocalEngine:
     stays an fp32 parameter and the loss is computed in fp32); ``fp16`` adds a dynamic loss scale
     (``GradScaler`` with ``train.loss_scale_init`` and growth every ``train.loss_scale_window`` overflow-free
     steps): a step whose gradients overflow is skipped, the scale halves, and the step is counted in
-    ``skipped_optimizer_steps``. Clipping is by global L2 norm (``torch.nn.utils.clip_grad_norm_``).
+    ``skipped_optimizer_steps``. Clipping is by global L2 norm (``torch.nn.utils.clip_grad_norm_``). A step whose
+    loss or global gradient norm is not finite is skipped on every rank (:mod:`harness.guard`).
 
     No device value is read on the host in the step: the gradient norm and the overflow count stay on the
     device (with a fused AdamW, ``GradScaler.step`` decides an overflow skip on the device too; a non-fused
@@ -50,6 +53,7 @@ class LocalEngine:
         self.scale_watch = ScaleWatch(self.scaler, device) if self.scaler else None
         self.micro = 0
         self.grad_norm: Optional[torch.Tensor] = None
+        self.guard = NonfiniteGuard(device, cfg.train.max_nonfinite_steps, fp16, dist_info()[0])
 
     def _make_scaler(self, cfg: JobConfig):
         return make_grad_scaler(cfg, self.device.type)
@@ -81,13 +85,16 @@ class LocalEngine:
         if self.clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
             self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        else:  # the non-finite guard needs the global norm
+            self.grad_norm = total_grad_norm(self.module.parameters(), self.device)
         if self.scaler:
             self.scale_watch.before()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scale_watch.after()
-        else:
-            self.optimizer.step()
+            self.guard.count_scaled_step(self.grad_norm)
+        else:  # skipped on the device when the global gradient norm is not finite (harness.guard)
+            self.guard.optimizer_step(self.optimizer, self.grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -98,8 +105,9 @@ class LocalEngine:
     def status(self) -> Dict[str, Any]:
         """Skipped steps and the fp16 loss scale (reads the device: log steps only)."""
         if not self.scaler:
-            return {"skipped_optimizer_steps": 0, "loss_scale": None}
-        return {"skipped_optimizer_steps": self.scale_watch.count(), "loss_scale": float(self.scaler.get_scale())}
+            return {"skipped_optimizer_steps": 0, "loss_scale": None, **self.guard.status()}
+        return {"skipped_optimizer_steps": self.scale_watch.count(), "loss_scale": float(self.scaler.get_scale()),
+                **self.guard.status()}
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
