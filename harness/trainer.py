@@ -36,6 +36,7 @@ from harness.losses import build_loss
 from harness.metrics import HostSyncCounter, MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
 from harness.parallelize import parallelize_clip
 from harness.reporting import build_sinks
+from harness.resilience import RunGuard
 from harness.schedule import build_scheduler
 from harness.validation import validate_clip
 from harness.zeroshot import zeroshot_eval
@@ -60,6 +61,7 @@ class RunContext:
     resume_from: Optional[Path] = None
     mem: Any = None
     cuda_overhead_gib: float = 0.0
+    guard: Optional[RunGuard] = None  # stop signals and hang watchdog (harness.resilience), entered by train.run
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Trainer:
         self.image_stats = models.image_mean_std(cfg.model.name)  # uint8 images are normalised on the device
         self.syncs = HostSyncCounter() if cfg.train.count_host_syncs else None
         self.syncs_by_step: Dict[int, int] = {}
+        self.guard = ctx.guard or RunGuard(enabled=False)
 
     # ------------------------------------------------------------------ the loop
 
@@ -143,9 +146,10 @@ class Trainer:
             self.progress.update()
             self.maybe_eval()
             self.maybe_save()
+            self.guard.step_done(self.state.step)  # the hang watchdog's heartbeat
             if self.state.stop_requested:
-                log.info("stop file %s found: checkpointing at step %d and stopping", self.cfg.checkpoint.stop_file,
-                         self.state.step)
+                log.info("%s: checkpointing at step %d and stopping", self.guard.signal_name if self.guard.stopping
+                         else f"stop file {self.cfg.checkpoint.stop_file} found", self.state.step)
                 break
         self.progress.close()
         self.maybe_save(final=True)
@@ -270,9 +274,11 @@ class Trainer:
         counters = self.data.counters()
         stop_file = cfg.checkpoint.stop_file
         stop_seen = float(bool(stop_file) and os.path.exists(stop_file))
-        reduced = self.metrics.reduce({**{f"counter.{k}": v for k, v in counters.items()}, "stop_votes": stop_seen})
+        reduced = self.metrics.reduce({**{f"counter.{k}": v for k, v in counters.items()}, "stop_votes": stop_seen,
+                                       "signal_votes": float(self.guard.signalled)})
         bad = {k: int(reduced.pop(f"counter.{k}")) for k in counters}
-        self.state.stop_requested = reduced.pop("stop_votes") > 0
+        signalled = self.guard.agree(reduced.pop("signal_votes"))  # a stop signal on any rank (harness.resilience)
+        self.state.stop_requested = reduced.pop("stop_votes") > 0 or signalled
         self.state.last_loss = reduced.pop("loss")
         status = self.engine.status()
         self.timer.mark(step)  # the host has waited for the device in the reduction
@@ -361,7 +367,8 @@ class Trainer:
             "model": cfg.model.name, "engine": engine.kind, "zero_stage": engine.zero_stage,
             "precision": cfg.train.precision, "attention": cfg.model.attention,
             "grad_checkpointing": cfg.model.grad_checkpointing, "compile": cfg.model.compile,
-            "stopped_by_stop_file": state.stop_requested,
+            "stopped_by_stop_file": state.stop_requested and not self.guard.stopping,
+            "stopped_by_signal": self.guard.stopping,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "world_size": self.world, "micro_batch_size": layout.micro_batch_size,
             "parameters": engine.num_parameters(), "rank0_local_parameter_elements": local_params,
