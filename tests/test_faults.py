@@ -47,6 +47,26 @@ def _wait_for_step(job: subprocess.Popen, run_dir: Path, step: int, log: Path, t
         time.sleep(0.2)
 
 
+def _tree(pid: int) -> list:
+    """``pid`` and all its descendants (torch elastic starts each rank in a process group of its own)."""
+    try:
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return [pid] + [q for c in children for q in _tree(c)]
+
+
+def _signal_tree(pid: int, sig: int) -> int:
+    """Send ``sig`` to every process of the job, as Slurm does; returns how many got it."""
+    pids = _tree(pid)
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
 def _slurm_env(tmp_path: Path, launch_config: str) -> dict:
     stubs = _stubs(tmp_path / "bin")
     return {**os.environ, "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -76,7 +96,7 @@ def test_sigterm_at_random_steps_checkpoints_there_and_resumes_bit_for_bit(tmp_p
         target = rng.randint(stopped + 3, stopped + 15)
         job = _start(job_cmd, env, log)
         _wait_for_step(job, run_dir, target, log)
-        os.killpg(job.pid, signal.SIGTERM)
+        assert _signal_tree(job.pid, signal.SIGTERM) >= 6  # script, launcher, 2 ranks, 2 data workers
         assert job.wait(timeout=240) == 0, log.read_text()[-4000:]  # requeued: the batch script ends well
         assert (tmp_path / "bin" / "requeued").read_text().split() == ["4242"] * (i + 1)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -178,7 +198,7 @@ def test_two_node_rehearsal_on_localhost_kill_one_node_and_resume(tmp_path, digi
     port = free_port()
     nodes = [_node(r, port, tmp_path / f"node{r}.log", args) for r in (0, 1)]
     _wait_for_step(nodes[0], run_dir, 25, tmp_path / "node0.log")
-    os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1 lost: its launcher, rank and data worker
+    assert _signal_tree(nodes[1].pid, signal.SIGKILL) >= 3  # node 1 lost: its launcher, rank and data worker
     start = time.monotonic()
     status0 = nodes[0].wait(timeout=240)
     print(f"node 0 ended {time.monotonic() - start:.0f} s after node 1 was killed, status {status0}")
