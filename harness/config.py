@@ -190,6 +190,16 @@ class TrainConfig:
     the contrastive logits have their real sizes, collectives return tensors of the right shape with
     meaningless values. Measures one rank's memory for a GPU count that is not present (fit probe); the
     losses it logs mean nothing."""
+    hang_timeout_s: float = 1800.0
+    """Hang watchdog: no optimizer step (or periodic evaluation / checkpoint) completed in this many seconds -> every
+    thread's stack dumped to ``<run_dir>/hang_rank_XXXXX.txt`` and exit status 124 (:mod:`harness.resilience`);
+    0 turns it off."""
+    dist_timeout_s: float = 1800.0
+    """Timeout of the process group's collectives (``init_process_group(timeout=...)``), seconds."""
+    preempt_grace_s: float = 25.0
+    """After SIGTERM/SIGUSR1 every rank checkpoints at the next log step and exits with status 75; if that has not
+    happened this many seconds after the signal (Slurm kills 30 s after SIGTERM by default), exit at once, leaving
+    the newest complete checkpoint as it is. 0: no limit."""
     profile_step: Optional[int] = None
     """Record a PyTorch profiler trace of this step (``trace_step<N>_rank<R>.json`` in the run directory)
     and, on CUDA, a memory snapshot (``memory_snapshot_step<N>_rank<R>.pickle``, for pytorch.org/memory_viz)."""
@@ -213,6 +223,9 @@ class TrainConfig:
             "memory_budget_gib": (self.memory_budget_gib is None or self.memory_budget_gib > 0, "must be > 0"),
             "emulate_world_size": (self.emulate_world_size is None or self.emulate_world_size >= 1, positive),
             "profile_step": (self.profile_step is None or self.profile_step >= 1, positive),
+            "hang_timeout_s": (self.hang_timeout_s >= 0, "must be >= 0 (0: no watchdog)"),
+            "dist_timeout_s": (self.dist_timeout_s > 0, "must be > 0"),
+            "preempt_grace_s": (self.preempt_grace_s >= 0, "must be >= 0 (0: no limit)"),
             "report_to": (set(self.report_to) <= set(REPORT_TO) and len(set(self.report_to)) == len(self.report_to),
                           f"each of {', '.join(REPORT_TO)} at most once"),
         })

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harness.errors import GIB
+from harness.resilience import NamedWorkerErrors, ignore_stop_signals
 from harness.shards import IMAGE_EXTS, count_samples, expand_shards, tar_is_complete
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,12 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         return (worker + self.rotation) % self.roles_per_rank
 
+    def worker_shards(self, worker: int, epoch: Optional[int] = None) -> List[str]:
+        """The shards DataLoader worker ``worker`` of this rank reads in ``epoch`` (default: its resumed epoch)."""
+        role = (worker + self.rotation) % self.roles_per_rank
+        epoch = self.role_states.get(role, {}).get("epoch", 0) if epoch is None else epoch
+        return self._epoch_shards(epoch, self.rank * self.roles_per_rank + role)[0]
+
     def _epoch_shards(self, epoch: int, global_role: int) -> tuple:
         """This role's shard list for ``epoch`` and the sample stride filter ``(keep_mod, keep_rem)``."""
         if self.resampled:
@@ -224,13 +231,15 @@ class ShardStream(IterableDataset):
                 images.append(decoded[0])
                 captions.append(decoded[1])
                 if len(images) == self.batch_size:
-                    yield {"image": torch.stack(images), "text": self.tokenizer(captions),
-                           "role": role, "state": dict(state)}
+                    yield {"image": torch.stack(images), "text": self.tokenizer(captions), "role": role,
+                           "state": dict(state), "shard": sample.get("__url__"),
+                           "worker": (role - self.rotation) % self.roles_per_rank}
                     images, captions = [], []
             if good_in_epoch == 0 and skip == 0:
-                raise RuntimeError(f"data.train_data: data role {global_role} read a whole epoch of "
-                                   f"{len(self._epoch_shards(epoch, global_role)[0])} shard(s) without one valid "
-                                   f"sample (counters: {state})")
+                shards = self._epoch_shards(epoch, global_role)[0]
+                raise RuntimeError(f"data.train_data: data role {global_role} read a whole epoch of {len(shards)} "
+                                   f"shard(s) without one valid sample (counters: {state}; shards: "
+                                   f"{', '.join(shards[:8])}{' ...' if len(shards) > 8 else ''})")
             state = {**state, "epoch": epoch + 1, "offset": 0}
 
 
@@ -266,6 +275,7 @@ class DataTracker:
 def _worker_init(_):
     # one intra-op thread per worker: decoding is per-sample and the trainer owns the cores
     torch.set_num_threads(1)
+    ignore_stop_signals()  # SIGTERM to the whole job (Slurm) must reach the rank, not end its workers
 
 
 def prefetch_factor(data_cfg, micro_batch_size: int, image_size: int, context_length: int) -> int:
@@ -309,7 +319,8 @@ def build_train_loader(data_cfg, model_name: str, layout, seed: int, rank: int, 
     if data_cfg.num_workers > 0:
         kwargs.update(num_workers=data_cfg.num_workers, worker_init_fn=_worker_init, persistent_workers=True,
                       prefetch_factor=prefetch_factor(data_cfg, micro, size, ctx))
-    return DataLoader(ds, batch_size=None, **kwargs)
+    loader = DataLoader(ds, batch_size=None, **kwargs)
+    return NamedWorkerErrors(loader, ds.worker_shards, rank) if data_cfg.num_workers > 0 else loader
 
 
 def epoch_samples(data_cfg) -> Optional[int]:

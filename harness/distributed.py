@@ -124,14 +124,15 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(launch: LaunchInfo, device: torch.device, emulate_world_size: Optional[int] = None
-                     ) -> Tuple[int, int]:
+def init_distributed(launch: LaunchInfo, device: torch.device, emulate_world_size: Optional[int] = None,
+                     timeout_s: float = 1800.0) -> Tuple[int, int]:
     """Create the process group if the launcher started several processes (always under FSDP); return
     ``(rank, world)``.
 
     Backend: NCCL on CUDA, gloo on CPU (DeepSpeed picks the same through ``deepspeed.init_distributed``).
-    With ``emulate_world_size`` this single process is rank 0 of that many on PyTorch's fake process group
-    (``torch.testing._internal.distributed.fake_pg``; see ``train.emulate_world_size``).
+    ``timeout_s`` bounds every collective (``train.dist_timeout_s``). With ``emulate_world_size`` this single
+    process is rank 0 of that many on PyTorch's fake process group (``torch.testing._internal.distributed.fake_pg``;
+    see ``train.emulate_world_size``).
     """
     if emulate_world_size:
         from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -148,9 +149,9 @@ def init_distributed(launch: LaunchInfo, device: torch.device, emulate_world_siz
     if launch.deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     elif (world > 1 or launch.fsdp) and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

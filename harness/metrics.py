@@ -262,6 +262,47 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class SyncWatch:
+    """``train.count_host_syncs`` for the trainer: host reads (:class:`HostSyncCounter`) per optimizer step and its
+    log in ``by_step`` (step -> count), data loading excluded (:meth:`paused`); with ``strict`` (CUDA under the
+    plain or FSDP2 engine) the step itself, not its log, runs under ``torch.cuda.set_sync_debug_mode("error")``,
+    so any synchronising call, counted or not, fails loudly (DeepSpeed's step synchronises by design: its
+    gradient-norm and overflow checks). Disabled (``enabled=False``), every context is a no-op."""
+
+    def __init__(self, enabled: bool, strict: bool):
+        self.counter = HostSyncCounter() if enabled else None
+        self.strict = enabled and strict
+        self.by_step: Dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def counting(self, step_after):
+        """Count the block's reads under the step number ``step_after()`` returns after it."""
+        if self.counter is None:
+            yield
+            return
+        before = self.counter.count
+        with self.counter:
+            yield
+        self.by_step[step_after()] = self.counter.count - before
+
+    @contextlib.contextmanager
+    def step(self):
+        """The training step itself: under sync debug mode ``error`` when strict."""
+        if not self.strict:
+            yield
+            return
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+    def paused(self):
+        """Host work (data loading) inside a counted block: not counted."""
+        return self.counter.paused() if self.counter is not None else contextlib.nullcontext()
+
+
 def peak_memory_gib(device: torch.device, tracker=None) -> tuple:
     """``(peak GiB, kind)``: CUDA ``max_memory_allocated`` on a GPU; on a CPU the tracked tensor peak when a
     :class:`harness.memory.TensorMemoryTracker` ran, else the process's peak RSS (``ru_maxrss``, which

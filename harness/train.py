@@ -21,6 +21,7 @@ from harness.config import GIB, BatchLayout, ConfigError, JobConfig, to_dict, va
 from harness.config_manager import get_dotted
 from harness.data import epoch_samples
 from harness.distributed import abort, detect_launch, init_distributed, select_device, shutdown
+from harness.errors import PREEMPTED_EXIT
 from harness.hardware import (
     apply_memory_budget,
     check_device_support,
@@ -28,6 +29,7 @@ from harness.hardware import (
     configure_device_math,
     is_out_of_memory,
 )
+from harness.resilience import RunGuard, data_worker_error
 from harness.trainer import RunContext, Trainer
 
 log = logging.getLogger("harness")
@@ -147,7 +149,8 @@ def setup_logging(rank: int, run_dir: Optional[Path] = None) -> None:
 
 
 def write_status(run_dir: Path, rank: int, status: str, message: str) -> None:
-    """``run_dir/status/rank_XXXXX.json``: ``{"status": "ok"|"oom"|"error", "message": ...}`` of this rank."""
+    """``run_dir/status/rank_XXXXX.json``: ``{"status": "ok"|"preempted"|"oom"|"error", "message": ...}`` of this
+    rank."""
     folder = Path(run_dir) / "status"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "status": status, "message": message}))
@@ -176,6 +179,8 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
     Raises:
         ConfigError: invalid config or resume mismatch, before any training step (config errors
             are raised before the process group is created).
+        SystemExit: ``PREEMPTED_EXIT`` (75) after every rank checkpointed on a stop signal (SIGTERM/SIGUSR1,
+            :class:`harness.resilience.RunGuard`).
     """
     # ---- everything that can fail on bad input, before a process group exists
     layout = validate(cfg)
@@ -191,12 +196,13 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
     device = select_device()
     check_device_support(cfg, device, launch)
     configure_device_math(cfg, device)
-    rank, world = init_distributed(launch, device, cfg.train.emulate_world_size)
+    rank, world = init_distributed(launch, device, cfg.train.emulate_world_size, cfg.train.dist_timeout_s)
     overhead = apply_memory_budget(cfg, device)
     mem = memory_tracker(cfg, device, rank)
-    ctx = RunContext(cfg, layout, launch, device, rank, world, total_samples, resume_from, mem, overhead)
+    guard = RunGuard(cfg.train, cfg.run_dir, rank)  # stop signals and the hang watchdog (harness.resilience)
+    ctx = RunContext(cfg, layout, launch, device, rank, world, total_samples, resume_from, mem, overhead, guard)
     try:
-        with mem or contextlib.nullcontext():
+        with mem or contextlib.nullcontext(), guard:
             setup_logging(rank, cfg.run_dir)
             if rank == 0:
                 (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -204,12 +210,15 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
     except Exception as e:
         # the outcome of this rank, for fit probes and for the user; peers blocked in a collective are released by
         # the aborted process group, and the launcher stops the other ranks
+        e = data_worker_error(e) or e  # a dead DataLoader worker, named with its shards
         if is_out_of_memory(e):
             write_status(cfg.run_dir, rank, "oom", str(e).strip().splitlines()[0][:500])
         else:
             write_status(cfg.run_dir, rank, "error", f"{type(e).__name__}: {str(e).strip()[:500]}")
         abort()
-        raise
-    write_status(cfg.run_dir, rank, "ok", "")
+        raise e
+    write_status(cfg.run_dir, rank, "preempted" if guard.stopping else "ok", guard.signal_name)
     shutdown()
+    if guard.stopping:  # checkpointed on a stop signal: the status a scheduler requeues on
+        raise SystemExit(PREEMPTED_EXIT)
     return summary

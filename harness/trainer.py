@@ -10,7 +10,6 @@ DTP-ViT's boundary loss and shortening factor): the loop knows no model by name.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -34,9 +33,10 @@ from harness.engines import SchedulerFn, build_engine
 from harness.engines.common import local_parameter_elements
 from harness.hardware import autocast_dtype, device_memory_gib
 from harness.losses import build_loss
-from harness.metrics import HostSyncCounter, MetricLogger, ProgressBar, StepProfiler, StepTimer, peak_memory_gib
+from harness.metrics import MetricLogger, ProgressBar, StepProfiler, StepTimer, SyncWatch, peak_memory_gib
 from harness.parallelize import parallelize_clip
 from harness.reporting import build_sinks
+from harness.resilience import RunGuard
 from harness.schedule import build_scheduler
 from harness.validation import validate_clip
 from harness.zeroshot import zeroshot_eval
@@ -61,6 +61,7 @@ class RunContext:
     resume_from: Optional[Path] = None
     mem: Any = None
     cuda_overhead_gib: float = 0.0
+    guard: Optional[RunGuard] = None  # stop signals and hang watchdog (harness.resilience), entered by train.run
 
 
 @dataclass
@@ -79,16 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _cuda_sync_debug(mode: str):
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 class Trainer:
@@ -129,8 +120,9 @@ class Trainer:
         self.image_stats = models.image_mean_std(cfg.model.name)  # uint8 images are normalised on the device
         self.accum = NegativesAccumulation(self.engine, self.loss_fn, layout.grad_accum_steps, self.device,
                                            self.image_stats) if layout.accum_negatives else None
-        self.syncs = HostSyncCounter() if cfg.train.count_host_syncs else None
-        self.syncs_by_step: Dict[int, int] = {}
+        strict = self.device.type == "cuda" and self.engine.kind != "deepspeed"  # DeepSpeed syncs in its step
+        self.syncs = SyncWatch(cfg.train.count_host_syncs, strict)
+        self.guard = ctx.guard or RunGuard(enabled=False)
 
     # ------------------------------------------------------------------ the loop
 
@@ -140,16 +132,17 @@ class Trainer:
         self.load_or_init()
         self.timer.start()
         while self.state.step < self.stop_step:
-            with self.profiler.maybe(self.state.step + 1), self._counting_syncs():
-                with self._sync_guard():
+            with self.profiler.maybe(self.state.step + 1), self.syncs.counting(lambda: self.state.step):
+                with self.syncs.step():
                     self.train_step()
                 self.log()
             self.progress.update()
             self.maybe_eval()
             self.maybe_save()
+            self.guard.step_done(self.state.step)  # the hang watchdog's heartbeat
             if self.state.stop_requested:
-                log.info("stop file %s found: checkpointing at step %d and stopping", self.cfg.checkpoint.stop_file,
-                         self.state.step)
+                log.info("%s: checkpointing at step %d and stopping", self.guard.signal_name if self.guard.stopping
+                         else f"stop file {self.cfg.checkpoint.stop_file} found", self.state.step)
                 break
         self.progress.close()
         self.maybe_save(final=True)
@@ -194,7 +187,7 @@ class Trainer:
         stepped = False
         while not stepped:
             tw = time.perf_counter()
-            with self._paused_sync_count():  # data loading is host work, not the device's
+            with self.syncs.paused():  # data loading is host work, not the device's
                 batch = next(self.loader)
             wait += time.perf_counter() - tw
             self.data.update(batch)
@@ -206,28 +199,6 @@ class Trainer:
         self.metrics.add(self.engine.step_metrics())
         self.state.step += 1
         self.timer.add_wait(self.state.step, wait)
-
-    @contextlib.contextmanager
-    def _counting_syncs(self):
-        """With ``train.count_host_syncs``: count the host reads of one step and its log."""
-        if self.syncs is None:
-            yield
-            return
-        before = self.syncs.count
-        with self.syncs:
-            yield
-        self.syncs_by_step[self.state.step] = self.syncs.count - before
-
-    def _sync_guard(self):
-        """With ``train.count_host_syncs`` on CUDA under the plain or FSDP2 engine: the step itself (not its log)
-        runs with ``torch.cuda.set_sync_debug_mode("error")``, so any synchronising call, counted or not, fails
-        loudly. (DeepSpeed's step synchronises by design: its gradient-norm and overflow checks.)"""
-        if self.syncs is None or self.device.type != "cuda" or self.engine.kind == "deepspeed":
-            return contextlib.nullcontext()
-        return _cuda_sync_debug("error")
-
-    def _paused_sync_count(self):
-        return self.syncs.paused() if self.syncs is not None else contextlib.nullcontext()
 
     def forward_backward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """One micro batch: forward, contrastive loss (``loss.kind``/``loss.impl``, fp32) + the image tower's extra
@@ -278,9 +249,11 @@ class Trainer:
         counters = self.data.counters()
         stop_file = cfg.checkpoint.stop_file
         stop_seen = float(bool(stop_file) and os.path.exists(stop_file))
-        reduced = self.metrics.reduce({**{f"counter.{k}": v for k, v in counters.items()}, "stop_votes": stop_seen})
+        reduced = self.metrics.reduce({**{f"counter.{k}": v for k, v in counters.items()}, "stop_votes": stop_seen,
+                                       "signal_votes": float(self.guard.signalled)})
         bad = {k: int(reduced.pop(f"counter.{k}")) for k in counters}
-        self.state.stop_requested = reduced.pop("stop_votes") > 0
+        signalled = self.guard.agree(reduced.pop("signal_votes"))  # a stop signal on any rank (harness.resilience)
+        self.state.stop_requested = reduced.pop("stop_votes") > 0 or signalled
         self.state.last_loss = reduced.pop("loss")
         status = self.engine.status()
         self.timer.mark(step)  # the host has waited for the device in the reduction
@@ -370,7 +343,8 @@ class Trainer:
             "model": cfg.model.name, "engine": engine.kind, "zero_stage": engine.zero_stage,
             "precision": cfg.train.precision, "attention": cfg.model.attention,
             "grad_checkpointing": cfg.model.grad_checkpointing, "compile": cfg.model.compile,
-            "stopped_by_stop_file": state.stop_requested,
+            "stopped_by_stop_file": state.stop_requested and not self.guard.stopping,
+            "stopped_by_signal": self.guard.stopping,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "world_size": self.world, "micro_batch_size": layout.micro_batch_size,
             "parameters": engine.num_parameters(), "rank0_local_parameter_elements": local_params,
@@ -393,8 +367,8 @@ class Trainer:
             "nonfinite_steps": status["nonfinite_steps"],
             "run_dir": str(cfg.run_dir), **self.device_settings(),
         }
-        if self.syncs is not None:
-            summary["host_syncs_by_step"] = self.syncs_by_step
+        if self.syncs.counter is not None:
+            summary["host_syncs_by_step"] = self.syncs.by_step
         (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary: %s", json.dumps(summary))
         return summary
