@@ -4,7 +4,10 @@ For each model, one-process ``train.py --config synthetic`` runs of both trees (
 as a temporary git worktree), alternated ``--repeats`` times so slow drifts of the machine hit both alike;
 samples/s from each run's ``summary.json`` (warm-up steps excluded), medians reported. Also the time to make
 one synthetic batch of each model's shapes in each tree (the earlier tree's ``SyntheticStream`` built samples one
-by one with CPU ``randn``; this one makes ``uint8`` batches on the training device).
+by one with CPU ``randn``; this one makes ``uint8`` batches on the training device), and the host reads of device
+values per step in each tree (``aten._local_scalar_dense`` calls, counted under a ``TorchDispatchMode`` wrapped
+around the whole in-process run of ``--sync-steps`` and of ``--sync-steps // 2`` steps: the difference over the
+extra steps is the per-step count, free of setup and the end's evaluation; each tree at its own default logging).
 
     python profiling/step_bench.py --baseline-ref e53806e --models ViT-micro-8,ViT-B-32 --batch 16 \\
         --steps 8 --warmup 3 --repeats 3 --out results/step_bench_cpu.json
@@ -26,15 +29,15 @@ from harness.metrics import dump_result  # noqa: E402
 
 # one synthetic batch of a model's shapes, timed inside a tree (whichever source that tree has)
 _BATCH_TIMER = r"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 import models
 name, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 size, ctx = models.image_size(name), models.context_length(name)
-try:
-    from harness.synthetic import SyntheticShapes, SyntheticSource
+if os.path.exists("harness/synthetic.py"):  # (an ImportError test would find this tree's module through the
+    from harness.synthetic import SyntheticShapes, SyntheticSource  # editable install's finder)
     it = iter(SyntheticSource(SyntheticShapes(size, ctx, 49408), batch, 1, 0, 1, 0, torch.device("cpu")))
     kind = "SyntheticSource (uint8, per-sample generator on the device)"
-except ImportError:
+else:
     from harness.data import SyntheticStream
     it = iter(SyntheticStream(batch, size, ctx, 49408, 0, 0))
     kind = "SyntheticStream (float32, per-sample CPU randn)"
@@ -43,6 +46,24 @@ times = []
 for _ in range(repeats):
     t = time.perf_counter(); next(it); times.append(time.perf_counter() - t)
 print(json.dumps({"kind": kind, "seconds": sorted(times)[len(times) // 2]}))
+"""
+
+# host reads of device values of a whole in-process run (any tree: the counter is defined here)
+_SYNC_COUNTER = r"""
+import json, sys, torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from harness.cli import train_main
+
+class Count(TorchDispatchMode):
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            Count.n += 1
+        return func(*args, **(kwargs or {}))
+
+with Count():
+    rc = train_main(sys.argv[1:])
+print(json.dumps({"rc": rc, "syncs": Count.n}))
 """
 
 
@@ -66,6 +87,22 @@ def batch_time(tree: Path, model: str, batch: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def syncs_per_step(tree: Path, args, model: str, tmp: Path, side: str) -> float:
+    """Host reads per optimizer step in ``tree`` (difference of a ``--sync-steps`` and a half-as-long run)."""
+    counts = {}
+    for steps in (args.sync_steps // 2, args.sync_steps):
+        cmd = [sys.executable, "-c", _SYNC_COUNTER, "--config", "synthetic", "--model", model, "--micro-batch-size",
+               "4", "--train-samples", str(4 * steps), "--output-dir", str(tmp), "--run-name",
+               f"syncs-{side}-{model}-{steps}", "train.progress_bar=false"]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"sync count {side} {model} failed:\n{proc.stderr[-3000:]}")
+        counts[steps] = json.loads(proc.stdout.strip().splitlines()[-1])["syncs"]
+    half = args.sync_steps // 2
+    return (counts[args.sync_steps] - counts[half]) / (args.sync_steps - half)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline-ref", required=True, help="git commit to compare against")
@@ -75,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--synthetic-batch", type=int, default=256, help="batch for the synthetic-batch timing")
+    p.add_argument("--sync-steps", type=int, default=20, help="steps of the longer host-sync counting run")
     p.add_argument("--out")
     args = p.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -100,7 +138,9 @@ def main(argv=None) -> int:
                     "samples_per_s": runs, "samples_per_s_median": med,
                     "ratio_after_before": med["after"] / med["before"],
                     "synthetic_batch": {side: batch_time(tree, model, args.synthetic_batch)
-                                        for side, tree in (("before", base), ("after", REPO))}}
+                                        for side, tree in (("before", base), ("after", REPO))},
+                    "host_syncs_per_step": {side: syncs_per_step(tree, args, model, tmp / "runs", side)
+                                            for side, tree in (("before", base), ("after", REPO))}}
                 print(json.dumps({model: result["models"][model]}), flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO)
