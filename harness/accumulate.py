@@ -63,9 +63,12 @@ class NegativesAccumulation:
             engine, loss_fn, accum_steps, device, image_stats)
         self.batches: List[Mapping[str, Any]] = []
 
-    def add(self, batch: Mapping[str, Any], report: Callable[[Dict[str, torch.Tensor]], None]) -> bool:
+    def add(self, batch: Mapping[str, Any], report: Callable[[Dict[str, torch.Tensor]], None],
+            watch: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> bool:
         """Keep one micro batch; at the ``K``-th run both passes and the optimizer step, hand each scalar dict to
-        ``report`` and return True (False before).
+        ``report`` and return True (False before). ``watch`` (the non-finite guard's ``watch_loss`` for this step,
+        :mod:`harness.guard`) sees the step's loss before its gradients are taken: a non-finite loss comes back as
+        NaN, so every gradient is NaN and the step is skipped.
 
         Raises:
             RuntimeError: the engine's accumulation boundary is not at the ``K``-th micro batch.
@@ -75,7 +78,7 @@ class NegativesAccumulation:
             return False
         batches, self.batches = self.batches, []
         cached, states, heads = self._cache(batches)
-        loss, grads = self._loss_and_grads(cached, heads)
+        loss, grads = self._loss_and_grads(cached, heads, watch)
         report({"loss": loss.detach(), "logit_scale": heads[0].detach().reshape(-1)[0],
                 **({"logit_bias": heads[1].detach().reshape(-1)[0]} if heads[1] is not None else {})})
         after = rng_state(self.device)
@@ -114,14 +117,15 @@ class NegativesAccumulation:
                 del out
         return (torch.cat(image_feats), torch.cat(text_feats)), states, heads
 
-    def _loss_and_grads(self, cached, heads):
-        """The loss of this rank's ``K B`` rows against all ``W K B`` columns, and its gradients with respect to the
-        cached features (each split into ``K`` micro batches) and the heads (None where there is no bias)."""
+    def _loss_and_grads(self, cached, heads, watch=None):
+        """The loss of this rank's ``K B`` rows against all ``W K B`` columns, and its gradients (of ``watch(loss)``
+        when given) with respect to the cached features (each split into ``K`` micro batches) and the heads (None
+        where there is no bias)."""
         leaves = [t.detach().requires_grad_() for t in (*cached, *heads) if t is not None]
         with torch.enable_grad():
             bias = leaves[3] if heads[1] is not None else None
             loss = self.loss_fn(leaves[0], leaves[1], leaves[2], bias)
-            grads = torch.autograd.grad(loss, leaves)
+            grads = torch.autograd.grad(watch(loss) if watch is not None else loss, leaves)
         micro = cached[0].shape[0] // self.K
         return loss, (grads[0].split(micro), grads[1].split(micro), grads[2], grads[3] if bias is not None else None)
 

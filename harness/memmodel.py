@@ -134,9 +134,12 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
             out.update(params=0.0, grads=0.0, optimizer=0.0)
     else:  # FSDP2: fp32 shards; blocks gathered in the compute dtype, the root group in fp32
         e = _elem_bytes(s.precision)
-        # one rank: the all-gather of a single shard is the shard itself (measured: no unsharded copy)
+        # the root group (embeddings, norms, projections, logit scale) stays gathered from forward to backward
+        # (reshard_after_forward=False): its fp32 copy is held on one rank too (the CPU test sweep's ViT-tiny-8
+        # FSDP2 cell was 9.6% under-predicted without it: its 24 MiB text root); a block's all-gather of a
+        # single shard is the shard itself (measured: no unsharded copy on one rank)
         out.update(params=4 * P / N, grads=4 * P / N, optimizer=8 * P / N,
-                   gathered=(4 * shape.root_params + 2 * e * shape.largest_block) if N > 1 else 0.0)
+                   gathered=4 * shape.root_params + (2 * e * shape.largest_block if N > 1 else 0.0))
         if stage == "fsdp-sgo" and N > 1:
             out["gathered"] += e * shape.block_params
     return out

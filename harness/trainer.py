@@ -10,6 +10,7 @@ DTP-ViT's boundary loss and shortening factor): the loop knows no model by name.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -192,7 +193,8 @@ class Trainer:
             wait += time.perf_counter() - tw
             self.data.update(batch)
             if self.accum is not None:  # accumulation with negatives: both passes once the K micro batches are in
-                stepped = self.accum.add(batch, self.metrics.add)
+                watch = functools.partial(self.engine.guard.watch_loss, step=self.state.step + 1)  # non-finite guard
+                stepped = self.accum.add(batch, self.metrics.add, watch)
             else:
                 self.metrics.add(self.forward_backward(batch))
                 stepped = self.engine.step()
