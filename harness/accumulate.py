@@ -44,6 +44,31 @@ def set_rng_state(state: RngState, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def model_inputs(batch: Mapping[str, Any], device: torch.device, image_stats: Tuple[Any, Any]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A micro batch on ``device``: images ``[B, 3, H, W]`` (uint8 from pinned memory normalised there with
+    :func:`models.normalize_uint8` and ``image_stats``), tokens ``[B, L]``."""
+    image = batch["image"].to(device, non_blocking=True)
+    if image.dtype == torch.uint8:
+        image = models.normalize_uint8(image, *image_stats)
+    return image, batch["text"].to(device, non_blocking=True)
+
+
+def loss_heads(out: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """fp32 ``logit_scale`` clamped at 100 (CLIP's bound on the inverse temperature, applied in the loss so it holds
+    under any sharding) and SigLIP's ``logit_bias`` (None without one)."""
+    bias = out["logit_bias"].float() if "logit_bias" in out else None
+    return out["logit_scale"].float().clamp(max=100.0), bias
+
+
+def tower_report(visual: Any, extras: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The image tower's extra losses and its ``last_stats`` (DTP-ViT's shortening factor...), detached fp32."""
+    report = {name: v.detach().float() for name, v in extras.items()}
+    for name, v in getattr(visual, "last_stats", {}).items():
+        report.setdefault(name, v.float())
+    return report
+
+
 class NegativesAccumulation:
     """Accumulation with negatives for one rank: collect an optimizer step's ``K`` micro batches, then run the two
     passes (see the module docstring).
@@ -92,16 +117,7 @@ class NegativesAccumulation:
         return True
 
     def _inputs(self, batch: Mapping[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        image = batch["image"].to(self.device, non_blocking=True)
-        if image.dtype == torch.uint8:  # normalised per pass, so K float copies are never held at once
-            image = models.normalize_uint8(image, *self.image_stats)
-        return image, batch["text"].to(self.device, non_blocking=True)
-
-    @staticmethod
-    def _heads(out: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """fp32 ``logit_scale`` clamped at 100 (as :meth:`harness.trainer.Trainer.forward_backward`), ``logit_bias``."""
-        bias = out["logit_bias"].float() if "logit_bias" in out else None
-        return out["logit_scale"].float().clamp(max=100.0), bias
+        return model_inputs(batch, self.device, self.image_stats)  # normalised per pass: never K float copies
 
     def _cache(self, batches):
         """Pass 1: ``([K B, d] image, [K B, d] text)`` fp32 features without grad, each micro batch's starting random
@@ -113,7 +129,7 @@ class NegativesAccumulation:
                 out = self.engine.forward(*self._inputs(batch))
                 image_feats.append(out["image_features"].float())
                 text_feats.append(out["text_features"].float())
-                heads = self._heads(out)
+                heads = loss_heads(out)
                 del out
         return (torch.cat(image_feats), torch.cat(text_feats)), states, heads
 
@@ -134,7 +150,7 @@ class NegativesAccumulation:
         losses; returns the extra losses and the image tower's stats (detached)."""
         g_image, g_text, g_scale, g_bias = grads
         out = self.engine.forward(*self._inputs(batch))
-        scale, bias = self._heads(out)
+        scale, bias = loss_heads(out)
         # d/dθ of K <f_k, g_k>, divided by K in the engine: this micro batch's share of the step loss's gradient;
         # s_k g_s in every micro batch, divided by K: the scale's gradient once
         share = self.K * ((out["image_features"].float() * g_image[k]).sum()
@@ -144,7 +160,4 @@ class NegativesAccumulation:
         visual = self.engine.module.visual
         extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
         self.engine.backward(share + sum(v.float() for v in extras.values()) if extras else share)
-        report = {name: v.detach().float() for name, v in extras.items()}
-        for name, v in getattr(visual, "last_stats", {}).items():
-            report.setdefault(name, v.float())
-        return report
+        return tower_report(visual, extras)

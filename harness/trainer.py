@@ -26,7 +26,7 @@ import torch
 
 import models
 from harness import checkpoint as ckpt_mod
-from harness.accumulate import NegativesAccumulation
+from harness.accumulate import NegativesAccumulation, loss_heads, model_inputs, tower_report
 from harness.config import GIB, BatchLayout, JobConfig, to_dict
 from harness.data import DataTracker, build_train_loader
 from harness.distributed import LaunchInfo, all_reduce_floats, barrier
@@ -215,13 +215,8 @@ class Trainer:
             Detached fp32 scalars: ``loss`` (contrastive), ``logit_scale`` (and ``logit_bias`` under SigLIP), each
             extra loss, and the tower's stats.
         """
-        device = self.device
-        image = batch["image"].to(device, non_blocking=True)  # uint8, from pinned memory on CUDA
-        if image.dtype == torch.uint8:
-            image = models.normalize_uint8(image, *self.image_stats)
-        out = self.engine.forward(image, batch["text"].to(device, non_blocking=True))
-        scale = out["logit_scale"].float().clamp(max=100.0)
-        bias = out["logit_bias"].float() if "logit_bias" in out else None  # SigLIP's learnable bias
+        out = self.engine.forward(*model_inputs(batch, self.device, self.image_stats))
+        scale, bias = loss_heads(out)
         loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), scale, bias)
         visual = self.engine.module.visual
         extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
@@ -230,10 +225,7 @@ class Trainer:
         report = {"loss": loss.detach(), "logit_scale": scale.detach().reshape(-1)[0]}
         if bias is not None:
             report["logit_bias"] = bias.detach().reshape(-1)[0]
-        report.update({k: v.detach().float() for k, v in extras.items()})
-        for k, v in getattr(visual, "last_stats", {}).items():
-            report.setdefault(k, v.float())
-        return report
+        return {**report, **tower_report(visual, extras)}
 
     def is_log_step(self, step: int) -> bool:
         """Every ``train.log_every_steps``, the first step of this process, the end of the timing warm-up and
