@@ -272,10 +272,13 @@ class DataTracker:
         return {"roles": {str(k): v for k, v in self.roles.items()}, "batches": self.batches}
 
 
-def _worker_init(_):
-    # one intra-op thread per worker: decoding is per-sample and the trainer owns the cores
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader the harness starts (training, validation, zero-shot): one intra-op
+    thread per worker (decoding is per sample and the rank owns the cores), and SIGTERM/SIGUSR1 ignored, so that a
+    stop signal sent to every process of the job (Slurm) reaches the rank, which checkpoints, instead of ending its
+    workers mid-epoch or mid-validation (:func:`harness.resilience.ignore_stop_signals`)."""
     torch.set_num_threads(1)
-    ignore_stop_signals()  # SIGTERM to the whole job (Slurm) must reach the rank, not end its workers
+    ignore_stop_signals()
 
 
 def prefetch_factor(data_cfg, micro_batch_size: int, image_size: int, context_length: int) -> int:
@@ -317,7 +320,7 @@ def build_train_loader(data_cfg, model_name: str, layout, seed: int, rank: int, 
                      Sampling(seed, data_cfg.resampled, data_cfg.shuffle_buffer), resume)
     kwargs: Dict[str, Any] = {"pin_memory": device.type == "cuda"}
     if data_cfg.num_workers > 0:
-        kwargs.update(num_workers=data_cfg.num_workers, worker_init_fn=_worker_init, persistent_workers=True,
+        kwargs.update(num_workers=data_cfg.num_workers, worker_init_fn=worker_init, persistent_workers=True,
                       prefetch_factor=prefetch_factor(data_cfg, micro, size, ctx))
     loader = DataLoader(ds, batch_size=None, **kwargs)
     return NamedWorkerErrors(loader, ds.worker_shards, rank) if data_cfg.num_workers > 0 else loader

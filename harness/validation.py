@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from harness.data import decode_sample, is_complete
+from harness.data import decode_sample, is_complete, worker_init
 from harness.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ def validate_clip(model: torch.nn.Module, val_data: str, model_name: str, batch_
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dataset = ValSamples(expand_shards(val_data, "data.val_data"), models.image_transform(model_name, is_train=False),
                          models.get_tokenizer(model_name), rank, world)
-    loader = iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    loader = iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init,
+                             pin_memory=device.type == "cuda"))
     size = models.image_size(model_name)
     filler = (torch.zeros(1, 3, size, size), torch.zeros(1, models.context_length(model_name), dtype=torch.long))
     was_training = model.training
@@ -181,8 +182,8 @@ def validate_clip(model: torch.nn.Module, val_data: str, model_name: str, batch_
             if not _any_rank(batch is not None, device, world):
                 break
             index, images, texts = batch if batch is not None else (None, *filler)
-            img = model.encode_image(images.to(device), normalize=True).float()  # [B, E]
-            txt = model.encode_text(texts.to(device), normalize=True).float()  # [B, E]
+            img = model.encode_image(images.to(device, non_blocking=True), normalize=True).float()  # [B, E]
+            txt = model.encode_text(texts.to(device, non_blocking=True), normalize=True).float()  # [B, E]
             if batch is not None:
                 indices.append(index.to(device))
                 image_feats.append(img)

@@ -95,13 +95,16 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
+    from harness.data import worker_init
+
     device = device or torch.device("cpu")
     folders, names, templates = class_names_and_templates(root)
     dataset = ImageFolder(root, transform=transform)
     assert dataset.classes == folders
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     share = _RankShare(dataset, rank, world, -(-len(dataset) // world))
-    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()

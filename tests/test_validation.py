@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +119,32 @@ def test_sharded_validation_equals_one_process_on_the_same_weights(tmp_path, dig
     for key in RECALL_KEYS + [f"{d}_{s}_rank" for d in ("image_to_text", "text_to_image") for s in ("mean", "median")]:
         assert summary[key] == single[key], key
     assert summary["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+
+
+def _children() -> set:
+    pid = os.getpid()
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_validation_workers_outlive_a_stop_signal(digits_dir):
+    """Slurm sends SIGTERM to every process of the job, DataLoader workers included. Validation's 2 workers
+    ignore it, as the training loader's do (the rank alone decides to checkpoint and stop), so a signal arriving
+    while the first batch is encoded still ends in metrics over every sample, not in "DataLoader worker (pid N) is
+    killed by signal: Terminated". Batches of 8 over 2 shards: the workers still have batches to decode after it."""
+    val = f"{digits_dir}/train/{{00000..00001}}.tar"
+    model = models.create_model("ViT-micro-8")
+    before, signalled = _children(), []
+    encode = model.encode_image
+
+    def encode_after_signalling_the_workers(images, normalize=False):
+        if not signalled:
+            signalled.extend(_children() - before)
+            for pid in signalled:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.5)  # the signal is delivered before the workers decode another batch
+        return encode(images, normalize=normalize)
+
+    model.encode_image = encode_after_signalling_the_workers
+    metrics = validate_clip(model, val, "ViT-micro-8", batch_size=8, num_workers=2)
+    assert len(signalled) == 2
+    assert metrics["val_samples"] == count_samples(expand_shards(val))
