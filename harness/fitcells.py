@@ -141,14 +141,19 @@ _DEVICE_QUERY = ("import json, torch; n = torch.cuda.device_count(); print(json.
 def local_device() -> Dict[str, Any]:
     """This machine's accelerator, read without creating a CUDA context in this (parent) process: a child Python
     asks torch for the devices ``CUDA_VISIBLE_DEVICES`` leaves visible (indices, UUIDs and MIG instances alike,
-    as CUDA itself resolves them), else the CPU and its memory.
+    as CUDA itself resolves them), else the CPU (architecture, vector ISA, cores) and its memory.
 
     Raises:
         ProbeInputError: ``nvidia-smi`` lists GPUs but torch sees none of the visible devices (a device list that
             names no usable GPU), instead of silently falling back to CPU mode.
     """
+    import torch
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    cpu = {"type": "cpu", "name": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+    # the vector ISA torch's CPU kernels use (AVX2, AVX512, ...): bf16 autocast is ~8x slower without AVX-512, so
+    # step times (and what a fit sweep costs) are only comparable between CPUs of the same capability
+    isa = torch.backends.cpu.get_cpu_capability()
+    cpu = {"type": "cpu", "name": f"cpu ({platform.machine()} {isa}, {os.cpu_count()} cores)",
            "memory_gib": host_memory_gib(), "count": 0}
     if visible == "" or not shutil.which("nvidia-smi"):
         return cpu
