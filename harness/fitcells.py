@@ -6,7 +6,6 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.config import GIB, PRECISIONS
-from harness.hardware import host_memory_gib
+from harness.hardware import cpu_label, host_memory_gib
 from harness.memmodel import STAGES, MemoryModel, Setup
 
 FAILURES = ("oom", "hang")  # outcomes that bound the search from above
@@ -147,13 +146,8 @@ def local_device() -> Dict[str, Any]:
         ProbeInputError: ``nvidia-smi`` lists GPUs but torch sees none of the visible devices (a device list that
             names no usable GPU), instead of silently falling back to CPU mode.
     """
-    import torch
-
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    # the vector ISA torch's CPU kernels use (AVX2, AVX512, ...): bf16 autocast is ~8x slower without AVX-512, so
-    # step times (and what a fit sweep costs) are only comparable between CPUs of the same capability
-    isa = torch.backends.cpu.get_cpu_capability()
-    cpu = {"type": "cpu", "name": f"cpu ({platform.machine()} {isa}, {os.cpu_count()} cores)",
+    cpu = {"type": "cpu", "name": cpu_label(),
            "memory_gib": host_memory_gib(), "count": 0}
     if visible == "" or not shutil.which("nvidia-smi"):
         return cpu

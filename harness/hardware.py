@@ -19,6 +19,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.distributed import LaunchInfo
 
 
+def cpu_label() -> str:
+    """``"cpu (x86_64 AVX2, 2 cores)"``: architecture, the vector ISA torch's CPU kernels use
+    (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...) and cores. CPU step times compare only between
+    CPUs of the same capability: bf16 autocast without AVX-512 runs 8-25x slower than fp32 (measured in the
+    README's fit-probe and knob sections)."""
+    import platform
+
+    return f"cpu ({platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
 def host_memory_gib() -> float:
     """Physical memory of this machine in GiB."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB

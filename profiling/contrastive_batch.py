@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.fitsearch import classify  # noqa: E402
+from harness.hardware import cpu_label  # noqa: E402
 from harness.launch import run_training, synthetic_train_args  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         "timing": timing,
         "recompute_time_ratio": (timing["ours"]["avg_step_time_s"] / timing["dense"]["avg_step_time_s"]
                                  if timing["ours"]["avg_step_time_s"] and timing["dense"]["avg_step_time_s"] else None),
-        "trials": trials, "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "trials": trials, "machine": cpu_label(), "cpu_count": os.cpu_count(),
         "benchmark_seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=2))

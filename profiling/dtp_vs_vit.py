@@ -12,7 +12,6 @@ printed); its predictor starts at the target boundary rate.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
+from harness.hardware import cpu_label  # noqa: E402
 from harness.metrics import dump_result, saved_activation_bytes  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     v, d = rows[args.vit], rows[args.dtp]
     result = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+                   else f"{cpu_label()}, {torch.get_num_threads()} threads"),
         "batch": args.batch, "warmup_steps_excluded": args.warmup, "measured_steps": args.steps,
         "precision": args.precision, "attention": args.attention,
         "models": rows,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
+from harness.hardware import cpu_label  # noqa: E402
 from harness.launch import run_training, synthetic_train_args  # noqa: E402
 from harness.metrics import dump_result  # noqa: E402
 from models.attention import available_backends  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "profiling/knobs.py", "command": "python profiling/knobs.py " + " ".join(sys.argv[1:]),
         "device": (torch.cuda.get_device_name(0) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()})"),
+                   else cpu_label()),
         "torch": torch.__version__, "model": args.model, "micro_batch_size": args.batch, "steps": args.steps,
         "warmup_steps_excluded": args.warmup, "rows": rows,
     }

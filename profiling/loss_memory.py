@@ -19,7 +19,6 @@ the right shape, values meaningless), so the columns are ``W B`` gathered sample
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness.config import LossConfig  # noqa: E402
+from harness.hardware import cpu_label  # noqa: E402
 from harness.losses import build_loss  # noqa: E402
 from harness.memory import TensorMemoryTracker  # noqa: E402
 from harness.metrics import dump_result  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                       f"time {row['time_s']:8.3f} s", flush=True)
     result = {"benchmark": "profiling/loss_memory.py",
               "command": "python profiling/loss_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": f"cpu ({platform.processor() or platform.machine()})", "threads": torch.get_num_threads(),
+              "device": cpu_label(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "world_size": args.world, "rows": rows}
     dump_result(result, args.out)
     print(table(result))
