@@ -147,8 +147,7 @@ def local_device() -> Dict[str, Any]:
             names no usable GPU), instead of silently falling back to CPU mode.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    cpu = {"type": "cpu", "name": cpu_label(),
-           "memory_gib": host_memory_gib(), "count": 0}
+    cpu = {"type": "cpu", "name": cpu_label(), "memory_gib": host_memory_gib(), "count": 0}
     if visible == "" or not shutil.which("nvidia-smi"):
         return cpu
     try:

@@ -8,6 +8,7 @@ Two moments: :func:`check_machine` before a rank has chosen its device (no CUDA 
 from __future__ import annotations
 
 import os
+import platform
 import re
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def cpu_label() -> str:
     """``"cpu (x86_64 AVX2, 2 cores)"``: architecture, the vector ISA torch's CPU kernels use
     (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...) and cores. CPU step times compare only between
-    CPUs of the same capability: bf16 autocast without AVX-512 runs 8-25x slower than fp32 (measured in the
-    README's fit-probe and knob sections)."""
-    import platform
-
+    CPUs of the same capability: on an AVX2-only CPU bf16 autocast ran 8.5x (a ViT-tiny-8 training step) to 14x (the
+    knob benchmark) slower than fp32 (README, fit-probe and knob sections)."""
     return f"cpu ({platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 

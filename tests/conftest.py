@@ -95,6 +95,14 @@ def train_py(train_args: List[str], **kw) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, str(REPO / "train.py"), *train_args], **kw)
 
 
+def child_pids(pid: int) -> Optional[List[int]]:
+    """The direct children of process ``pid`` (``/proc/PID/task/PID/children``); None when ``pid`` is gone."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return None
+
+
 def read_jsonl(path: Path) -> List[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -19,7 +19,7 @@ from harness.checkpoint import complete_checkpoints
 from harness.errors import PREEMPTED_EXIT
 from harness.launch import free_port
 from harness.resilience import FAULT_HANG_ENV
-from tests.conftest import REPO, accelerate_launch, read_jsonl, train_py, write_shards
+from tests.conftest import REPO, accelerate_launch, child_pids, read_jsonl, train_py, write_shards
 from tests.test_slurm import _stubs
 from tests.test_train import _args, _assert_same_trajectory
 
@@ -49,9 +49,8 @@ def _wait_for_step(job: subprocess.Popen, run_dir: Path, step: int, log: Path, t
 
 def _tree(pid: int) -> list:
     """``pid`` and all its descendants (torch elastic starts each rank in a process group of its own)."""
-    try:
-        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
+    children = child_pids(pid)
+    if children is None:
         return []
     return [pid] + [q for c in children for q in _tree(c)]
 

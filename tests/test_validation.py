@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from harness.cli import build_config, train_main
 from harness.config import ConfigError, validate
 from harness.shards import count_samples, expand_shards
 from harness.validation import batched_clip_loss, clip_retrieval_metrics, validate_clip
-from tests.conftest import accelerate_launch, read_jsonl, train_py, write_shards
+from tests.conftest import accelerate_launch, child_pids, read_jsonl, train_py, write_shards
 
 RECALL_KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 
@@ -121,11 +120,6 @@ def test_sharded_validation_equals_one_process_on_the_same_weights(tmp_path, dig
     assert summary["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
 
 
-def _children() -> set:
-    pid = os.getpid()
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-
 def test_validation_workers_outlive_a_stop_signal(digits_dir):
     """Slurm sends SIGTERM to every process of the job, DataLoader workers included. Validation's 2 workers
     ignore it, as the training loader's do (the rank alone decides to checkpoint and stop), so a signal arriving
@@ -133,12 +127,12 @@ def test_validation_workers_outlive_a_stop_signal(digits_dir):
     killed by signal: Terminated". Batches of 8 over 2 shards: the workers still have batches to decode after it."""
     val = f"{digits_dir}/train/{{00000..00001}}.tar"
     model = models.create_model("ViT-micro-8")
-    before, signalled = _children(), []
+    before, signalled = set(child_pids(os.getpid())), []
     encode = model.encode_image
 
     def encode_after_signalling_the_workers(images, normalize=False):
         if not signalled:
-            signalled.extend(_children() - before)
+            signalled.extend(set(child_pids(os.getpid())) - before)
             for pid in signalled:
                 os.kill(pid, signal.SIGTERM)
             time.sleep(0.5)  # the signal is delivered before the workers decode another batch
