@@ -1,7 +1,7 @@
 """Install: ``pip install -e .`` (``make install`` does it in ``.venv`` with the pinned versions of
-``constraints.txt``). Read ``../shared/design/environment.md``: the registry's regular torch +
-torchvision builds are used (they run on CPU-only machines too); the CPU-only torch wheel breaks
-torchvision's operators."""
+``constraints.txt``). The registry's regular torch + torchvision builds are used (CUDA builds; they run on
+CPU-only machines too): beside a CPU-only torch wheel, the registry's torchvision fails to import ("operator
+torchvision::nms does not exist")."""
 from setuptools import find_packages, setup
 
 setup(
@@ -10,7 +10,7 @@ setup(
     description="Scaling harness for CLIP-style vision transformers: DeepSpeed/FSDP training, fit probes, reports",
     python_requires=">=3.10",
     packages=find_packages(include=["harness", "harness.*", "models", "models.*"]),
-    package_data={"models": ["configs/*.json"], "harness": ["presets/*.yaml"]},
+    package_data={"models": ["configs/*.json"], "harness.config": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.11",  # checked: the fast suite and the multi-process runs pass on 2.11 (the GPU machine) and 2.15
         "torchvision>=0.19",

@@ -145,7 +145,7 @@ def create_model(name: str, device: str = "cpu", attention: str = "sdpa", siglip
     ``logit_scale`` (shape ``[1]``, the log of the inverse temperature's exponent base, as in CLIP).
 
     ``logit_scale`` is reshaped from CLIP's 0-dim parameter to shape ``[1]``: 0-dim parameters crash
-    DeepSpeed ZeRO-3's parameter broadcast and FSDP2 (``../shared/design/environment.md``).
+    DeepSpeed ZeRO-3's parameter broadcast ("self.dim() cannot be 0 to view Float as Byte") and FSDP2.
 
     ``siglip=True`` initialises the model for SigLIP's sigmoid loss as open_clip's trainer does (``--siglip``):
     ``logit_scale`` = ln 10 and a learnable ``logit_bias`` = -10 (shape ``[1]``; the output dict has a copy of it

@@ -5,7 +5,7 @@ one token; the middle ("shortened") layers run on those few tokens. Ideas from N
 "Efficient Transformers with Dynamic Token Pooling" (ACL 2023; ``PiotrNawrot/dynamic-pooling``,
 ``shortening.py``: the differentiable membership matrix built from straight-through boundaries, and
 the binomial boundary prior) and its CLIP adaptation (``Yusen-Peng/DRIP``, ``DTP_ViT.py``). Our own
-code; see ``../shared/design/dtp_vit.md`` for the forward pass and the pitfalls it avoids.
+code; see ``docs/dtp_vit.md`` for the forward pass and the pitfalls it avoids.
 
 Shapes for ViT-B/32 at 224 px: image ``[B, 3, 224, 224]`` -> patches ``[B, 49, 768]`` -> + CLS
 ``[B, 50, 768]`` -> pre layers -> segments ``[B, S, 768]`` with ``valid [B, S]`` -> CLS + segments
@@ -76,7 +76,7 @@ class DTPConfig:
         numerics: ``safe`` (default: fp32 island, clamped logits, sampling from logits) or
             ``reference``: the research code's path (predictor under autocast, probabilities formed
             in the autocast dtype, ``RelaxedBernoulli(probs=...)``, no clamp), kept only to reproduce
-            its fp16 failures (``profiling/dtp_fp16_stress.py``).
+            its fp16 failures (``benchmarks/dtp_fp16_stress.py``).
         varlen: attention of the shortened layers as one variable-length call over each image's valid
             segments (:func:`models.attention.varlen_attention`): ``auto`` does so when the attention backend
             (:mod:`models.attention`) is ``flash_attn`` (``flash_attn_varlen_func``) or a kernel that takes no

@@ -1,5 +1,5 @@
-"""Gradient accumulation with negatives (:mod:`harness.accumulate`, GradCache): ``K`` micro batches contrasted with each
-other give the loss and gradients of one contrastive batch of ``K x micro x world`` samples.
+"""Gradient accumulation with negatives (:mod:`harness.train.accumulate`, GradCache): ``K`` micro batches contrasted
+with each other give the loss and gradients of one contrastive batch of ``K x micro x world`` samples.
 
 References are plain autograd over the whole step (one backward through all samples, open_clip's dense ``ClipLoss``),
 never the code under test. Tolerance (fp32): gradients within ``rtol=1e-4, atol=1e-6`` of the reference, losses within
@@ -15,13 +15,13 @@ import torch
 from open_clip.loss import ClipLoss
 
 import models
-from harness import accumulate
-from harness.accumulate import NegativesAccumulation
-from harness.config import batch_layout
-from harness.config_manager import from_dict
+from harness.config.layout import batch_layout
+from harness.config.overrides import from_dict
 from harness.engines.local import LocalEngine
-from harness.losses import build_loss
-from tests.conftest import accelerate_launch, read_jsonl, train_py
+from harness.train import accumulate
+from harness.train.accumulate import NegativesAccumulation
+from harness.train.losses import build_loss
+from tests.helpers import accelerate_launch, losses, train
 
 K, MICRO = 4, 16
 
@@ -120,53 +120,37 @@ def _synthetic(out, name, micro, *extra, model="ViT-micro-8"):
             "train.progress_bar=false", "optim.warmup_samples=64", *extra]
 
 
-def _losses(run_dir):
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.mark.slow
 def test_synthetic_micro_16_equals_micro_64_end_to_end_without_host_syncs(tmp_path):
     """``train.py --config synthetic --global-batch-size 64``: micro 16 (K=4, negatives) follows micro 64's losses; with
     ``train.accum_negatives=false`` it does not (contrastive batch 16); the step reads nothing on the host outside log
-    steps (DTP-ViT, every 2nd step logged)."""
-    train_py(_synthetic(tmp_path, "m64", 64))
-    train_py(_synthetic(tmp_path, "m16", 16))
-    train_py(_synthetic(tmp_path, "plain", 16, "train.accum_negatives=false"))
-    ref, acc, plain = (_losses(tmp_path / n) for n in ("m64", "m16", "plain"))
+    steps (DTP-ViT, every 2nd step logged). (2 processes x K=4 under ZeRO-1, ZeRO-2, ZeRO-2 with the optimizer
+    offloaded and FSDP2: tests/test_scale.py.)"""
+    train(_synthetic(tmp_path, "m64", 64))
+    train(_synthetic(tmp_path, "m16", 16))
+    train(_synthetic(tmp_path, "plain", 16, "train.accum_negatives=false"))
+    ref, acc, plain = (losses(tmp_path / n) for n in ("m64", "m16", "plain"))
     assert len(ref) == 3 and acc == pytest.approx(ref, rel=1e-5)
     assert plain[0] != pytest.approx(ref[0], rel=1e-3)
     summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("m16", "plain")]
     assert [s["contrastive_batch_size"] for s in summaries] == [64, 16]
-    train_py(_synthetic(tmp_path, "syncs", 16, "train.count_host_syncs=true", "train.log_every_steps=2",
-                        "train.timing_warmup_steps=1", "--max-steps", "5", model="DTP-ViT-micro-8-2x"))
+    train(_synthetic(tmp_path, "syncs", 16, "train.count_host_syncs=true", "train.log_every_steps=2",
+                     "train.timing_warmup_steps=1", "--max-steps", "5", model="DTP-ViT-micro-8-2x"))
     counts = json.loads((tmp_path / "syncs" / "summary.json").read_text())["host_syncs_by_step"]
     assert len(counts) == 5 and {s: n for s, n in counts.items() if s in ("3",) and n} == {}, counts  # 3: no log step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch,extra", [("zero2.yaml", ()), ("fsdp.yaml", ("--grad-checkpointing", "1")),
-                                          ("zero1.yaml", ()), ("zero2_offload.yaml", ())])
-def test_two_processes_with_negatives_follow_one_batch_of_64(tmp_path, launch, extra):
-    """2 ranks x K=4 x micro 8 with negatives (ZeRO-1, ZeRO-2, ZeRO-2 with the optimizer offloaded to the host;
-    FSDP2 with every block checkpointed) follow one process with micro 64 over 3 optimizer steps (the synthetic
-    samples of a step do not depend on the split)."""
-    train_py(_synthetic(tmp_path, "ref", 64))
-    accelerate_launch(launch, _synthetic(tmp_path, "acc", 8, *extra))
-    summary = json.loads((tmp_path / "acc" / "summary.json").read_text())
-    assert (summary["world_size"], summary["grad_accum_steps"], summary["contrastive_batch_size"]) == (2, 4, 64)
-    assert _losses(tmp_path / "acc") == pytest.approx(_losses(tmp_path / "ref"), rel=1e-5)
-
-
-@pytest.mark.slow
 def test_two_processes_with_negatives_in_bf16(tmp_path):
-    """bf16 under ZeRO-2 (DeepSpeed's ``torch_autocast`` in bfloat16 over fp32 parameters) with negatives follows one
-    process of micro 64 under bf16 autocast to 2e-3 relative over three steps (a different reduction order of bf16
-    products; 2.5e-4 seen on CPU, bf16's own step is 2^-8 = 3.9e-3), while the same split without negatives (a
-    contrastive batch of 16: a loss near ln 16, not ln 64) is far outside that tolerance."""
+    """bf16 under ZeRO-2 (DeepSpeed's ``torch_autocast`` in bfloat16 over fp32 parameters), 2 ranks x K=4 x micro 8
+    with negatives, follows one process of micro 64 under bf16 autocast to 2e-3 relative over three steps (a
+    different reduction order of bf16 products; 2.5e-4 seen on CPU, bf16's own step is 2^-8 = 3.9e-3), while
+    accumulation without negatives (a contrastive batch of 16: a loss near ln 16, not ln 64; one process, micro 16)
+    is far outside that tolerance."""
     bf16 = ("--precision", "bf16")
-    train_py(_synthetic(tmp_path, "ref", 64, *bf16))
+    train(_synthetic(tmp_path, "ref", 64, *bf16))
+    train(_synthetic(tmp_path, "plain", 16, *bf16, "train.accum_negatives=false"))
     accelerate_launch("zero2.yaml", _synthetic(tmp_path, "acc", 8, *bf16))
-    accelerate_launch("zero2.yaml", _synthetic(tmp_path, "plain", 8, *bf16, "train.accum_negatives=false"))
-    ref, acc, plain = (_losses(tmp_path / n) for n in ("ref", "acc", "plain"))
+    ref, acc, plain = (losses(tmp_path / n) for n in ("ref", "acc", "plain"))
     assert len(ref) == 3 and acc == pytest.approx(ref, rel=2e-3)
     assert plain[0] != pytest.approx(ref[0], rel=2e-3)

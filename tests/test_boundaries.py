@@ -9,17 +9,17 @@ import torch
 from PIL import Image
 
 import models
-from harness.boundaries import find_images, segment_ids
-from harness.checkpoint import complete_checkpoints, load_model_state
 from harness.cli import main
-from tests.conftest import train_py
+from harness.components.checkpoint import complete_checkpoints, load_model_state
+from harness.tools.boundaries import find_images, segment_ids
+from tests.helpers import train
 
 
 @pytest.fixture(scope="module")
 def dtp_run(tmp_path_factory, digits_dir):
     """DTP-ViT-micro-8-2x trained for 30 steps on the digits (checkpoint at the end)."""
     out = tmp_path_factory.mktemp("dtp")
-    train_py(["--model", "DTP-ViT-micro-8-2x", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
+    train(["--model", "DTP-ViT-micro-8-2x", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
               "--max-steps", "30", "--output-dir", str(out), "--run-name", "dtp", "checkpoint.every_steps=0",
               "train.progress_bar=false"])
     return out / "dtp"

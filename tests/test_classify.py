@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.classify import linear_probe
 from harness.cli import main
-from tests.conftest import train_py
+from harness.eval.classify import linear_probe
+from tests.helpers import train
 
 
 def test_linear_probe_separates_clusters_and_not_noise():
@@ -54,7 +54,7 @@ def test_one_class_folder_and_existing_out_are_refused(tmp_path, capsys):
 def test_linear_probe_and_finetune_of_a_digits_model(tmp_path, digits_dir, capsys):
     """ViT-micro-8 trained 60 steps on the digits: linear probe and finetune on the held-out digits (split in half,
     stratified) score well above chance (10%); the summary printed is the one written."""
-    train_py(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
+    train(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
               "--output-dir", str(tmp_path), "--run-name", "digits", "--micro-batch-size", "32",
               "--global-batch-size", "32", "--train-samples", "1920", "optim.lr=2e-3", "optim.warmup_samples=320",
               "train.progress_bar=false", "data.num_workers=0"])

@@ -1,16 +1,20 @@
-"""The codebase's shape, checked as behaviour: no import cycle (function-level imports included), no source
-file over 400 lines, no function in ``harness/`` with more than 8 parameters (``self``/``cls`` not counted;
-ruff's PLR0913 enforces the same in ``make lint``)."""
+"""The codebase's shape, checked as behaviour: no import cycle (function-level imports included), packages of
+``harness/`` that depend one way only, ``models/`` independent of ``harness/``, no top-level module in ``harness/``
+but ``cli.py``, no module name used twice, no source file over 400 lines, no function in ``harness/`` with more
+than 8 parameters (``self``/``cls`` not counted; ruff's PLR0913 enforces the same in ``make lint``)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 from typing import Dict, List, Set
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGES = ("harness", "models")
 MAX_LINES, MAX_PARAMS = 400, 8
+LAYERS = ("core", "data", "config", "distributed", "engines", "components", "eval", "train", ("fit", "tools"), "cli")
+"""The packages of ``harness/`` from the bottom up: each may import only from those before it (fit and tools are
+siblings and import neither each other; the trainer runs zero-shot and validation, so eval sits below train)."""
 
 
 def _module_name(path: Path) -> str:
@@ -89,12 +93,55 @@ def test_the_cycle_finder_finds_a_hidden_cycle():
 def test_no_import_cycles():
     modules = _modules()
     graph = import_graph(modules)
-    assert graph["harness.trainer"] >= {"harness.engines", "harness.parallelize"}  # the graph sees imports
+    # the graph sees imports
+    assert graph["harness.train.trainer"] >= {"harness.engines", "harness.distributed.parallelize"}
     assert find_cycles(graph) == []
 
 
+def _layer(module: str) -> int:
+    """Index in :data:`LAYERS` of the ``harness`` package (or ``cli``) that holds ``module``."""
+    part = module.split(".")[1]
+    return next(i for i, layer in enumerate(LAYERS) if part == layer or part in layer)
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    """Edges between two packages of ``harness/`` that do not point down :data:`LAYERS` (the package's own
+    ``__init__`` aside)."""
+    bad = []
+    for src, targets in graph.items():
+        if not src.startswith("harness.") or src.count(".") < 1:
+            continue
+        for dst in targets:
+            if dst.startswith("harness.") and dst.split(".")[1] != src.split(".")[1] \
+                    and _layer(dst) >= _layer(src):
+                bad.append(f"{src} -> {dst}")
+    return sorted(bad)
+
+
+def test_packages_depend_one_way_and_models_import_nothing_from_harness():
+    graph = import_graph(_modules())
+    assert upward_imports({"harness.train.job": {"harness.fit.search"}}) == ["harness.train.job -> harness.fit.search"]
+    sibling = {"harness.fit.probe": {"harness.tools.flops"}}
+    assert upward_imports(sibling) == ["harness.fit.probe -> harness.tools.flops"]
+    assert upward_imports(graph) == []
+    assert graph["models"] >= {"models.attention"}  # the graph sees the models package's imports
+    assert {m: sorted(d) for m, t in graph.items() if m.startswith("models")
+            if (d := {x for x in t if x.startswith("harness")})} == {}
+
+
+def test_harness_holds_packages_and_cli_only_and_no_module_name_twice():
+    top = sorted(p.name for p in (REPO / "harness").glob("*.py"))
+    assert top == ["__init__.py", "cli.py"], top
+    stems: Dict[str, List[str]] = {}
+    for path in (REPO / "harness").rglob("*.py"):
+        if path.name != "__init__.py":
+            stems.setdefault(path.stem, []).append(str(path.relative_to(REPO)))
+    packages = {p.name for p in (REPO / "harness").iterdir() if (p / "__init__.py").is_file()}
+    assert {s: f for s, f in stems.items() if len(f) > 1 or s in packages} == {}
+
+
 def test_no_source_file_over_400_lines():
-    files = [p for d in ("harness", "models", "profiling", "tests") for p in (REPO / d).rglob("*.py")]
+    files = [p for d in ("harness", "models", "benchmarks", "tests") for p in (REPO / d).rglob("*.py")]
     long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
 

@@ -5,9 +5,11 @@ import pytest
 import yaml
 
 from harness.cli import build_config, train_main
-from harness.config import ConfigError, JobConfig, batch_layout, validate
-from harness.config_manager import describe, from_dict
-from tests.conftest import write_shards
+from harness.config.job_config import JobConfig, validate
+from harness.config.layout import batch_layout
+from harness.config.overrides import describe, from_dict
+from harness.core.errors import ConfigError
+from tests.helpers import write_shards
 
 
 def _cfg(tmp_path, **sections) -> JobConfig:
@@ -111,8 +113,8 @@ def test_length_flag_replaces_the_presets_length(tmp_path):
 def test_what_this_cpu_cannot_run_is_refused_naming_what_it_can(tmp_path):
     import torch
 
-    from harness.distributed import LaunchInfo
-    from harness.hardware import check_device_support, check_machine
+    from harness.distributed.hardware import check_device_support, check_machine
+    from harness.distributed.launch import LaunchInfo
 
     for backend in ("sdpa_efficient", "sdpa_cudnn", "flash_attn"):
         cfg = _cfg(tmp_path, model={"attention": backend})

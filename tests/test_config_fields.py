@@ -12,7 +12,8 @@ from typing import Any, List, Literal
 import pytest
 
 from harness.cli import build_config
-from harness.config import ConfigError, JobConfig
+from harness.config.job_config import JobConfig
+from harness.core.errors import ConfigError
 
 # Text that YAML 1.1 guesses at (sexagesimal, octal, hex, boolean, date, float): a str field keeps it verbatim.
 TRICKY_STRINGS = ("12:30", "007", "0x10", "yes", "off", "2024-01-01", "5e-4")

@@ -6,10 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import models
-from harness.config import ConfigError
-from harness.data import DataTracker, Roles, Sampling, ShardStream
-from harness.shards import count_samples, expand_shards
-from tests.conftest import write_shards
+from harness.core.errors import ConfigError
+from harness.data.loader import DataTracker, Roles, Sampling, ShardStream
+from harness.data.shards import count_samples, expand_shards
+from tests.helpers import write_shards
 
 MODEL = "ViT-micro-8"
 
@@ -128,7 +128,7 @@ def test_digits_shards_have_img2dataset_layout(digits_dir):
     with tarfile.open(shards[0]) as tf:
         caption = tf.extractfile(f"{key}.txt").read().decode()
         meta = json.loads(tf.extractfile(f"{key}.json").read())
-    from harness.digits import CLASS_NAMES
+    from harness.data.digits import CLASS_NAMES
     assert CLASS_NAMES[meta["label"]] in caption
     assert count_samples(shards) + sum(1 for _ in (digits_dir / "val").rglob("*.png")) == 1797
 

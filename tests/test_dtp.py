@@ -181,7 +181,7 @@ def test_every_pooling_trains(pooling):
     ("DTP-ViT-B-32-2x", 2.7, 0.10), ("DTP-ViT-B-32-4x", 1.8, 0.10), ("DTP-ViT-B-32-10x", 1.25, 0.10),
 ])
 def test_fvcore_gmacs_count_attention(name, reference, tolerance):
-    from harness.flops import model_gmacs
+    from harness.tools.flops import model_gmacs
 
     gmacs = model_gmacs(name)["image_gmacs"]
     assert abs(gmacs - reference) / reference < tolerance, gmacs

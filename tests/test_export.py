@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import models
-from harness.checkpoint import complete_checkpoints, load_model_state
 from harness.cli import main
-from tests.conftest import accelerate_launch, train_py
+from harness.components.checkpoint import complete_checkpoints, load_model_state
+from tests.helpers import SHARDED, train
 
 TOL = 1e-5  # on L2-normalised embeddings; measured: 2e-7 (image: our SDPA vs nn.MultiheadAttention), 0 (text)
 PROMPTS = ["a handwritten digit three.", "a photo of the number seven.", "the digit zero"]
@@ -143,7 +143,7 @@ def _digits_args(out: Path, data: Path, name: str, model: str, *extra: str):
 def test_round_trip_of_a_trained_run(tmp_path, digits_dir):
     """Train ViT-micro-8 on the digits for 3 steps, export the run folder (its newest checkpoint), load it with
     open_clip: same transforms, tokens and embeddings (tolerance 1e-5 on L2-normalised embeddings)."""
-    train_py(_digits_args(tmp_path, digits_dir, "vit", "ViT-micro-8"))
+    train(_digits_args(tmp_path, digits_dir, "vit", "ViT-micro-8"))
     assert main(["export", str(tmp_path / "vit"), str(tmp_path / "out")]) == 0
     ckpt = complete_checkpoints(tmp_path / "vit" / "checkpoints")[-1]
     assert json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["harness"]["step"] == 3
@@ -152,7 +152,7 @@ def test_round_trip_of_a_trained_run(tmp_path, digits_dir):
 
 @pytest.mark.slow
 def test_round_trip_of_a_trained_dtp_run(tmp_path, digits_dir):
-    train_py(_digits_args(tmp_path, digits_dir, "dtp", "DTP-ViT-micro-8-2x"))
+    train(_digits_args(tmp_path, digits_dir, "dtp", "DTP-ViT-micro-8-2x"))
     assert main(["export", str(tmp_path / "dtp"), str(tmp_path / "out")]) == 0
     ref = harness_model(complete_checkpoints(tmp_path / "dtp" / "checkpoints")[-1])
     loaded = models.load_exported(str(tmp_path / "out")).eval()
@@ -163,23 +163,20 @@ def test_round_trip_of_a_trained_dtp_run(tmp_path, digits_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["zero3.yaml", "fsdp.yaml"])
-def test_round_trip_of_sharded_checkpoints(tmp_path, digits_dir, launch):
-    """2-process ZeRO-3 / FSDP2 runs (each rank holds half of every sharded tensor) exported from their
-    checkpoints: open_clip's model equals the harness model consolidated by ``load_model_state`` (1e-5), and both
-    are the model a single process trains on the same global batches (synthetic data, seeded per sample; 1e-4
-    on L2-normalised embeddings: the reduction order differs; measured 2e-7 image, 4e-7 text for both)."""
-    synthetic = ["--config", "synthetic", "--model", "ViT-micro-8", "--output-dir", str(tmp_path),
-                 "--global-batch-size", "16", "--train-samples", "64", "train.progress_bar=false", "optim.lr=0.002",
-                 "checkpoint.save_final=true"]
-    train_py([*synthetic, "--run-name", "single", "--micro-batch-size", "16"])
-    accelerate_launch(launch, [*synthetic, "--run-name", "sharded", "--micro-batch-size", "8"])
-    ckpt = complete_checkpoints(tmp_path / "sharded" / "checkpoints")[-1]
+@pytest.mark.parametrize("name", ["zero3", "fsdp-checkpointing"])
+def test_round_trip_of_sharded_checkpoints(tmp_path, digits_dir, name, sharded_run, single_reference):
+    """2-process ZeRO-3 / FSDP2 runs (each rank holds half of every sharded tensor; the shared runs of
+    ``tests/conftest.py``) exported from their checkpoints: open_clip's model equals the harness model consolidated
+    by ``load_model_state`` (1e-5), and both are the model a single process trains on the same global batches
+    (synthetic data, seeded per sample; 1e-4 on L2-normalised embeddings: the reduction order differs; measured 2e-7
+    image, 4e-7 text for both)."""
+    launch, _, layout, _ = SHARDED[name]
+    ckpt = complete_checkpoints(sharded_run(name) / "checkpoints")[-1]
     assert (ckpt / ("deepspeed" if launch.startswith("zero") else "fsdp")).is_dir()
     assert main(["export", str(ckpt), str(tmp_path / "out")]) == 0
     images = digit_images(digits_dir / "val")
     assert_open_clip_matches(tmp_path / "out", harness_model(ckpt), "ViT-micro-8", images)
-    assert main(["export", str(tmp_path / "single"), str(tmp_path / "out_single")]) == 0
+    assert main(["export", str(single_reference(layout)), str(tmp_path / "out_single")]) == 0
     single, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'out_single'}")
     sharded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'out'}")
     x = torch.stack([preprocess(im) for im in images])

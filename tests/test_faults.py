@@ -1,16 +1,15 @@
 """Fault injection (issue 14): kill -9 of one rank at random steps and inside a save, damaged checkpoint files
 (truncated, emptied, missing: each file of a real ZeRO-2 and FSDP2 checkpoint), and non-finite losses, on real
-2-process gloo runs where sharding matters. Every resume must continue bit for bit like the uninterrupted run."""
+2-process gloo runs where sharding matters. Every resume must continue bit for bit like the uninterrupted run (the
+shared reference run of ``tests/conftest.py``)."""
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,59 +17,42 @@ import psutil
 import pytest
 import torch
 
-from harness.checkpoint import FAULT_ENV, CheckpointManager, complete_checkpoints, load_model_state, save_checkpoint
-from harness.ckptverify import checkpoint_files, read_meta_or_none, verify
-from harness.errors import NONFINITE_EXIT, NonFiniteError
-from harness.guard import INJECT_ENV, NonfiniteGuard
-from harness.launch import free_port
-from tests.conftest import REPO, accelerate_launch, train_py
-from tests.test_train import _args
+from harness.components.checkpoint import CheckpointManager, complete_checkpoints, load_model_state, save_checkpoint
+from harness.components.checkpoint_verify import checkpoint_files, read_meta_or_none, verify
+from harness.core import hooks
+from harness.core.errors import ExitCode, NonFiniteError
+from harness.engines.nonfinite import NonfiniteGuard
+from tests.helpers import (
+    REFERENCE_EXTRA,
+    REPO,
+    STEPS,
+    accelerate_command,
+    accelerate_launch,
+    assert_same_trajectory,
+    child_env,
+    digits_args,
+    metrics_by_step,
+    train,
+)
 
 ENGINES = ["zero2.yaml", "fsdp.yaml"]
-EXTRA = ("data.num_workers=0", "checkpoint.every_steps=3", "checkpoint.keep_last=20")
-
-
-def _metrics(run: Path, since: int = 0) -> dict:
-    """Last record per step of ``metrics.jsonl`` from byte ``since`` on (a resumed run's lines replace the killed
-    run's); a line cut by a kill is ignored."""
-    out = {}
-    path = run / "metrics.jsonl"
-    text = path.read_bytes()[since:].decode(errors="replace") if path.is_file() else ""
-    for line in text.splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if "loss" in r:
-            out[r["step"]] = r
-    return out
-
-
-def _assert_bit_for_bit(full: Path, split: Path) -> None:
-    a, b = _metrics(full), _metrics(split)
-    assert sorted(b) == sorted(a) == list(range(1, 21))
-    for step in a:
-        assert (b[step]["loss"], b[step]["lr"]) == (a[step]["loss"], a[step]["lr"]), f"step {step} differs"
-    sa = load_model_state(complete_checkpoints(full / "checkpoints")[-1])
-    sb = load_model_state(complete_checkpoints(split / "checkpoints")[-1])
-    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+EXTRA = (*REFERENCE_EXTRA, "checkpoint.every_steps=3", "checkpoint.keep_last=30")
 
 
 def _launch_and_kill(config: str, args, at_step: int, rank: int, run: Path) -> int:
-    """Launch like :func:`accelerate_launch`, SIGKILL rank ``rank`` once ``metrics.jsonl`` reaches ``at_step``;
-    returns the launcher's exit status."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(REPO / "ds_configs" / config), "--main_process_port", str(free_port()), str(REPO / "train.py"), *args]
+    """Launch like :func:`accelerate_launch`, SIGKILL rank ``rank`` (not its data worker) once ``metrics.jsonl``
+    reaches ``at_step``; returns the launcher's exit status."""
     since = (run / "metrics.jsonl").stat().st_size if (run / "metrics.jsonl").is_file() else 0
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(accelerate_command(config, str(REPO / "train.py"), *args), cwd=REPO, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if max(_metrics(run, since), default=0) >= at_step:  # this launch's own lines
+        if max(metrics_by_step(run, since), default=0) >= at_step:  # this launch's own lines
             break
         time.sleep(0.05)
-    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if p.environ().get("RANK") == str(rank) and "train.py" in " ".join(p.cmdline())]
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if p.environ().get("RANK") == str(rank) and "train.py" in " ".join(p.cmdline())]
+    victims = [p for p in ranks if p.parent() not in ranks]  # the rank, not a DataLoader worker it forked
     assert victims, "rank process not found (the run ended before the kill?)"
     victims[0].send_signal(signal.SIGKILL)
     return proc.wait(timeout=300)
@@ -86,37 +68,40 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
 
 
+def _newest_step(run: Path) -> int:
+    return int(complete_checkpoints(run / "checkpoints")[-1].name[5:])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ENGINES)
-def test_kills_and_damaged_checkpoints_resume_bit_for_bit(tmp_path, digits_dir, config, caplog):
-    """One 20-step 2-process run is killed six times and resumed from a damaged checkpoint, and ends bit for bit
-    like the uninterrupted run (every step's loss and LR, the final weights):
-    kill -9 of a random rank at a random step; kill -9 of a rank inside a checkpoint save; kill -9 at 4 random
-    later steps; then the newest checkpoint gets a truncated file and ``--resume latest`` falls back to the previous
-    one, naming the file. Before that, every file of the uninterrupted run's newest checkpoint, truncated, emptied or
-    deleted in a copy, makes the verified choice fall back to the previous checkpoint, naming that file."""
+def test_kills_and_damaged_checkpoints_resume_bit_for_bit(tmp_path, digits_dir, config, caplog, reference_run):
+    """One 2-process run is killed three times and resumed from a damaged checkpoint, and ends bit for bit like the
+    uninterrupted run (every step's loss and LR, the final weights): kill -9 of a random rank at a random step;
+    kill -9 of a rank inside a checkpoint save; kill -9 at a random step after the next save; then the newest
+    checkpoint gets a truncated file and ``--resume latest`` falls back to the previous one, naming the file. Before
+    that, every file of the uninterrupted run's newest checkpoint, truncated, emptied or deleted in a copy, makes the
+    verified choice fall back to the previous checkpoint, naming that file."""
     rng = random.Random(f"faults-{config}")
-    accelerate_launch(config, _args(tmp_path, digits_dir, "full", *EXTRA))
-    _fallback_matrix(tmp_path / "full", tmp_path / "copies", caplog)
+    full = reference_run(config)
+    _fallback_matrix(full, tmp_path / "copies", caplog)
 
     split = tmp_path / "split"
     tried = []
     k1, r1 = rng.randint(4, 8), rng.randint(0, 1)  # after the first save (step 3)
-    assert _launch_and_kill(config, _args(tmp_path, digits_dir, "split", *EXTRA), k1, r1, split) != 0
+    assert _launch_and_kill(config, digits_args(tmp_path, digits_dir, "split", *EXTRA, steps=STEPS), k1, r1,
+                            split) != 0
     tried.append(f"kill -9 rank {r1} at step >= {k1}")
-    last = int(complete_checkpoints(split / "checkpoints")[-1].name[5:])
+    resume = digits_args(tmp_path, digits_dir, "split", *EXTRA, "--resume", "latest", steps=STEPS)
+    last = _newest_step(split)
     in_save, r2 = last + 3, rng.randint(0, 1)  # the next save after the resume
-    killed = accelerate_launch(config, _args(tmp_path, digits_dir, "split", *EXTRA, "--resume", "latest"),
-                               env={FAULT_ENV: f"{in_save}@{r2}"}, check=False)
+    killed = accelerate_launch(config, resume, env={hooks.KILL_IN_SAVE: f"{in_save}@{r2}"}, check=False)
     assert killed.returncode != 0
-    assert int(complete_checkpoints(split / "checkpoints")[-1].name[5:]) == last  # the half-written one is no candidate
+    assert _newest_step(split) == last  # the half-written one is no candidate
     tried.append(f"kill -9 rank {r2} inside the save of step {in_save}")
-    resume = _args(tmp_path, digits_dir, "split", *EXTRA, "--resume", "latest")
-    for _ in range(4):  # kill -9 at random later steps, each after the resumed run's first step
-        start = int(complete_checkpoints(split / "checkpoints")[-1].name[5:])
-        k, r = rng.randint(start + 1, min(start + 5, 18)), rng.randint(0, 1)
-        assert _launch_and_kill(config, resume, k, r, split) != 0
-        tried.append(f"kill -9 rank {r} at step >= {k}")
+    start = _newest_step(split)
+    k3, r3 = rng.randint(start + 4, start + 8), rng.randint(0, 1)  # after the resumed run's next save
+    assert _launch_and_kill(config, resume, k3, r3, split) != 0
+    tried.append(f"kill -9 rank {r3} at step >= {k3}")
 
     newest, previous = complete_checkpoints(split / "checkpoints")[-2:][::-1]
     shard = sorted(f for f in checkpoint_files(newest) if "rank_1" in f or "__1_" in f or "rank_00001" in f)[0]
@@ -127,7 +112,8 @@ def test_kills_and_damaged_checkpoints_resume_bit_for_bit(tmp_path, digits_dir, 
     assert f"resumed from {previous}" in log
     tried.append(f"truncated {shard} in {newest.name}")
     assert done.returncode == 0
-    _assert_bit_for_bit(tmp_path / "full", split)
+    assert sorted(metrics_by_step(split)) == sorted(metrics_by_step(full)) == list(range(1, STEPS + 1))
+    assert_same_trajectory(full, split, 0, STEPS)
     print("survived:", "; ".join(tried))
 
 
@@ -162,12 +148,12 @@ def test_nonfinite_loss_is_skipped_on_every_rank_and_stops_the_run(tmp_path, dig
     every rank, each rank having counted the skips; every checkpoint holds finite weights and the older ones remain."""
     extra = ("data.num_workers=0", "checkpoint.every_steps=1", "checkpoint.keep_last=100",
              "train.max_nonfinite_steps=3")
-    proc = accelerate_launch(config, _args(tmp_path, digits_dir, "nan", *extra), env={INJECT_ENV: "5,10+@1"},
-                             check=False)
+    proc = accelerate_launch(config, digits_args(tmp_path, digits_dir, "nan", *extra),
+                             env={hooks.NONFINITE_LOSS: "5,10+@1"}, check=False)
     run = tmp_path / "nan"
     assert proc.returncode != 0
-    assert f"exitcode  : {NONFINITE_EXIT}" in proc.stdout + proc.stderr  # torch elastic's summary of each rank
-    m = _metrics(run)
+    assert f"exitcode  : {int(ExitCode.NONFINITE)}" in proc.stdout + proc.stderr  # torch elastic's summary of each rank
+    m = metrics_by_step(run)
     assert [m[s]["nonfinite_steps"] for s in (4, 5, 9, 10, 11, 12)] == [0, 1, 1, 2, 3, 4]
     assert [m[s]["nonfinite_in_a_row"] for s in (4, 5, 6, 12)] == [0, 1, 0, 3]
     assert max(m) == 12
@@ -187,13 +173,13 @@ def test_single_process_nonfinite_exit_status_and_bad_resume_path(tmp_path, digi
     """One process (plain engine): the non-finite stop is exit status 4 with a message naming the steps, loss and
     gradient norm; ``--resume PATH`` of a checkpoint with a truncated file is exit status 2 naming the file."""
     extra = ("data.num_workers=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "train.max_nonfinite_steps=2")
-    proc = train_py(_args(tmp_path, digits_dir, "one", *extra), env={INJECT_ENV: "6+"}, check=False)
-    assert proc.returncode == NONFINITE_EXIT
+    proc = train(digits_args(tmp_path, digits_dir, "one", *extra), env={hooks.NONFINITE_LOSS: "6+"}, check=False)
+    assert proc.returncode == ExitCode.NONFINITE
     assert "steps 6-7; found at step 7" in proc.stderr and "loss nan, gradient norm nan" in proc.stderr
     ckpts = complete_checkpoints(tmp_path / "one" / "checkpoints")
     assert [c.name for c in ckpts] == ["step_00000004", "step_00000006"]
     _damage(ckpts[-1] / "optimizer.pt", "truncated")
-    bad = train_py(_args(tmp_path, digits_dir, "one", *extra, "--resume", str(ckpts[-1])), check=False)
+    bad = train(digits_args(tmp_path, digits_dir, "one", *extra, "--resume", str(ckpts[-1])), check=False)
     assert bad.returncode == 2 and f"{ckpts[-1] / 'optimizer.pt'}: " in bad.stderr
     assert "resumed" not in bad.stderr
 

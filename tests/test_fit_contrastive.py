@@ -8,12 +8,13 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from harness.fitcells import Cell, ProbeOptions
-from harness.fitreport import write_reports
-from harness.fitsearch import probe_args, search_cell
-from harness.losses import tiled_clip_loss, tiled_siglip_loss
-from harness.memmodel import GIB, MemoryModel, Setup, loss_bytes
-from harness.memory import TensorMemoryTracker
+from harness.core.units import GIB
+from harness.distributed.tensor_memory import TensorMemoryTracker
+from harness.fit.cells import Cell, ProbeOptions
+from harness.fit.memory_model import MemoryModel, Setup, loss_bytes
+from harness.fit.report import write_reports
+from harness.fit.search import probe_args, search_cell
+from harness.train.losses import tiled_clip_loss, tiled_siglip_loss
 
 
 def _loss_peak(fn, rows: int, dim: int) -> int:
@@ -69,8 +70,9 @@ def test_accumulation_caches_k_micro_batches_of_features():
 
 
 def test_contrastive_batch_of_a_cell():
-    plain = Cell("ViT-tiny-8", "fsdp", "bf16", 0, "sdpa", 2, 4)
-    accum = Cell("ViT-tiny-8", "fsdp", "bf16", 0, "sdpa", 2, 4, "clip", "tiled", 256, micro=32)
+    plain = Cell("fsdp", "bf16", 0, "sdpa", model="ViT-tiny-8", nodes=2, gpus_per_node=4)
+    accum = Cell("fsdp", "bf16", 0, "sdpa", loss="clip", loss_impl="tiled", tile=256, micro=32, model="ViT-tiny-8",
+                 nodes=2, gpus_per_node=4)
     assert plain.contrastive_batch(96) == 96 * 8
     assert accum.contrastive_batch(6) == 6 * 32 * 8
     assert plain.key == "ViT-tiny-8|stage=fsdp|bf16|ckpt=0|sdpa|2x4"  # the keys of older stores still match
@@ -78,7 +80,8 @@ def test_contrastive_batch_of_a_cell():
 
 
 def test_probe_arguments_of_an_accumulation_cell(tmp_path):
-    cell = Cell("ViT-tiny-8", "fsdp", "bf16", 1, "sdpa", 1, 2, "siglip", "tiled", 512, micro=16)
+    cell = Cell("fsdp", "bf16", 1, "sdpa", loss="siglip", loss_impl="tiled", tile=512, micro=16, model="ViT-tiny-8",
+                nodes=1, gpus_per_node=2)
     args = probe_args(cell, 3, "measured", tmp_path / "run", ProbeOptions(out=str(tmp_path), steps=2))
     value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
     assert value("--micro-batch-size") == "16" and value("--global-batch-size") == str(3 * 16 * 2)
@@ -91,7 +94,8 @@ def test_accumulation_search_finds_the_largest_k(boundary):
     """Against a device whose memory grows linearly with K (fits up to ``boundary``), the search over K in steps
     of 1 ends at the boundary with K + 1 probed and failing."""
     model = MemoryModel("cpu")
-    cell = Cell("ViT-micro-8", "ddp", "fp32", 0, "sdpa", 1, 1, "clip", "tiled", 128, micro=32)
+    cell = Cell("ddp", "fp32", 0, "sdpa", loss="clip", loss_impl="tiled", tile=128, micro=32, model="ViT-micro-8",
+                nodes=1, gpus_per_node=1)
     limit = 0.25 * GIB
     per_k = (limit - 0.05 * GIB) / boundary
     seen = []
@@ -112,7 +116,7 @@ def test_accum_search_runs_the_trainer_with_negatives(tmp_path):
     """``--accum-search 64 --max-accum 4`` on the real trainer (one CPU process under a budget): the cell records
     K = 4 accumulated micro batches of 64 and a contrastive batch of 256, and the probe's run really trained with
     that contrastive batch (its ``summary.json``)."""
-    from harness.fitprobe import main
+    from harness.fit.probe import main
 
     out = tmp_path / "fit"
     code = main(["--models", "ViT-micro-8", "--stages", "ddp", "--precisions", "fp32", "--losses", "clip-tiled",
@@ -127,7 +131,7 @@ def test_accum_search_runs_the_trainer_with_negatives(tmp_path):
 
 
 def _record(cell: Cell, how: str, best: int, status: str = "fits"):
-    micro, k, contrastive = cell.setup().rows_cols(best)
+    micro, k, contrastive = cell.rows_cols(best)
     return {"cell": cell.key, "model": cell.model, "stage": cell.stage, "precision": cell.precision,
             "checkpointing": cell.checkpointing, "attention": cell.attention, "nodes": cell.nodes,
             "gpus_per_node": cell.gpus_per_node, "loss": cell.loss, "loss_impl": cell.loss_impl, "tile": cell.tile,
@@ -141,11 +145,11 @@ def test_table_and_heat_map_from_cell_records(tmp_path):
     """The table gains the contrastive batch; the heat map's data has one row per model x stage x precision x
     checkpointing (and accumulation), one column per nodes x GPUs per node, the number of every cell and its
     mark (M / E / P / S / !), and empty places where the sweep has no cell."""
-    a = Cell("ViT-tiny-8", "ddp", "bf16", 0, "sdpa", 1, 1)
-    b = Cell("ViT-tiny-8", "ddp", "bf16", 0, "sdpa", 1, 8)
-    c = Cell("ViT-tiny-8", "fsdp", "bf16", 1, "sdpa", 1, 8)
-    d = Cell("ViT-tiny-8", "fsdp", "bf16", 1, "sdpa", 4, 8)
-    e = Cell("ViT-tiny-8", "fsdp", "bf16", 1, "sdpa", 1, 1, micro=64)
+    a = Cell("ddp", "bf16", 0, "sdpa", model="ViT-tiny-8", nodes=1, gpus_per_node=1)
+    b = Cell("ddp", "bf16", 0, "sdpa", model="ViT-tiny-8", nodes=1, gpus_per_node=8)
+    c = Cell("fsdp", "bf16", 1, "sdpa", model="ViT-tiny-8", nodes=1, gpus_per_node=8)
+    d = Cell("fsdp", "bf16", 1, "sdpa", model="ViT-tiny-8", nodes=4, gpus_per_node=8)
+    e = Cell("fsdp", "bf16", 1, "sdpa", micro=64, model="ViT-tiny-8", nodes=1, gpus_per_node=1)
     cells = [_record(a, "measured", 752), _record(b, "predicted", 624), _record(c, "emulated", 1696),
              _record(d, "scheduler-limit", 1600), _record(e, "measured", 12), _record(a, "measured", 768)]
     write_reports(cells, tmp_path, ProbeOptions(out=str(tmp_path), granularity=16, command="harness fit-probe x"))
@@ -165,7 +169,7 @@ def test_activation_profile_follows_the_models_token_counts():
     """Read from the autograd graph: DTP-ViT's shortened blocks (1 + 11 static segment slots) keep 12/17 of what
     its full-length blocks (1 + 16 patches) keep, and the text tower (fp32 residual stream under bf16 autocast
     from the fp32 token embedding) keeps fp32 block inputs while the image tower's are bf16."""
-    from harness.actprofile import activation_profile
+    from harness.fit.activations import activation_profile
 
     prof = activation_profile("DTP-ViT-tiny-8-4x", "bf16", "sdpa")
     full, short = prof.blocks["image"][0], prof.blocks["image"][2]

@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped elsewhere): every engine x precision trains, every attention backend the GPU runs trains
 ViT and DTP-ViT, fp16 overflow skipping under DeepSpeed, checkpointing equivalence, no host sync in a step, OOM
-forms. Run by ``profiling/gpu_suite.sh`` (``CUDA_VISIBLE_DEVICES=0 pytest -m gpu``); each run is 3 steps."""
+forms. Run by ``benchmarks/gpu_suite.sh`` (``CUDA_VISIBLE_DEVICES=0 pytest -m gpu``); each run is 3 steps."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, read_jsonl, train_py
+from tests.helpers import accelerate_launch, read_jsonl, train_py
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 GPU = {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "8"}

@@ -1,4 +1,4 @@
-"""``profiling/gpu_suite.sh --dry-run`` on a CPU: every step is printed, and every harness command in it parses
+"""``benchmarks/gpu_suite.sh --dry-run`` on a CPU: every step is printed, and every harness command in it parses
 (the fit-probe cells expand, the profile flags are accepted), so the suite does not fail on a typo at GPU time."""
 from __future__ import annotations
 
@@ -6,20 +6,20 @@ import re
 import shlex
 import subprocess
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STEPS = ["smoke", "tests", "fit_b32", "fit_l14", "profile", "peer", "dtp"]
 
 
 def _dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / "profiling" / "gpu_suite.sh"), "--dry-run", *args], capture_output=True,
+    return subprocess.run([str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run", *args], capture_output=True,
                           text=True, timeout=60, cwd=REPO)
 
 
 def test_dry_run_prints_every_step_and_its_commands_parse():
-    from harness.fitcells import build_cells
-    from harness.fitprobe import parse_args
-    from harness.profile import _parser
+    from harness.fit.cells import build_cells
+    from harness.fit.probe import parse_args
+    from harness.tools.profile import _parser
 
     proc = _dry_run()
     assert proc.returncode == 0, proc.stderr
@@ -34,7 +34,7 @@ def test_dry_run_prints_every_step_and_its_commands_parse():
     assert {c.world for c in cells if c.stage in ("0", "2")} == {1}
     for args in re.findall(r"harness.cli profile (--models [^\n]+)", text):
         _parser().parse_args(shlex.split(args.replace("$model", "ViT-B-32").replace("$batch", "8")))
-    for path in re.findall(r"(?:ds_configs|profiling|tests)/[\w./$]+\.(?:py|yaml)", text):
+    for path in re.findall(r"(?:ds_configs|benchmarks|tests)/[\w./$]+\.(?:py|yaml)", text):
         assert (REPO / path.replace("$cfg", "zero2")).is_file(), path
 
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.launch import free_port
-from harness.lrfind import LRSweep, smoothed, steepest_descent
-from tests.conftest import REPO, read_jsonl, run_cmd
+from harness.tools.lrfind import LRSweep, smoothed, steepest_descent
+from tests.helpers import accelerate_command, in_process, read_jsonl, run_cmd
 
 
 def test_sweep_is_exponential_between_the_bounds():
@@ -75,9 +72,9 @@ def test_lr_find_on_the_digits_suggests_an_lr_inside_the_sweep(tmp_path, digits_
     """One process, ViT-micro-8 on the digits, 60 steps from 1e-6 to 1: a suggestion inside the range and a plot;
     the suggestion lies where the smoothed loss falls (lower on both sides' difference, and lower later on)."""
     out = tmp_path / "lrf"
-    run_cmd([sys.executable, "-m", "harness.cli", "lr-find", "--out", str(out), "--steps", "60", "--start-lr", "1e-6",
-             "--end-lr", "1", "--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"),
-             "--zeroshot-data", "none", "--beta", "0.9"])
+    in_process(main, ["lr-find", "--out", str(out), "--steps", "60", "--start-lr", "1e-6", "--end-lr", "1", "--model",
+                      "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none", "--beta",
+                      "0.9"])
     result = _check_result(out, 60, "local", 1)
     i = result["lrs"].index(result["suggested_lr"])
     smooth = result["smoothed_losses"]
@@ -89,9 +86,7 @@ def test_lr_find_runs_under_accelerate_launch_with_deepspeed(tmp_path, digits_di
     """``accelerate launch --config_file ds_configs/zero2.yaml -m harness.cli lr-find``: 2 ranks under DeepSpeed
     ZeRO-2 sweep together (the loss is reduced over ranks, so they stop at the same step) and rank 0 writes."""
     out = tmp_path / "lrf"
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    run_cmd([accelerate, "launch", "--config_file", str(REPO / "ds_configs" / "zero2.yaml"), "--main_process_port",
-             str(free_port()), "-m", "harness.cli", "lr-find", "--out", str(out), "--steps", "20", "--skip-start",
-             "2", "--skip-end", "2", "--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"),
-             "--zeroshot-data", "none", "--micro-batch-size", "16"])
+    run_cmd(accelerate_command("zero2.yaml", "-m", "harness.cli", "lr-find", "--out", str(out), "--steps", "20",
+                               "--skip-start", "2", "--skip-end", "2", "--model", "ViT-micro-8", "--train-data",
+                               str(digits_dir / "train"), "--zeroshot-data", "none", "--micro-batch-size", "16"))
     _check_result(out, 20, "deepspeed", 2)

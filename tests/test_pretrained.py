@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import save_file
 
 import models
-from harness.checkpoint import complete_checkpoints, load_model_state
 from harness.cli import train_main
-from harness.config import JobConfig, batch_layout, to_dict
-from harness.errors import ConfigError
-from harness.train import check_resume_compatible
+from harness.components.checkpoint import complete_checkpoints, load_model_state
+from harness.config.job_config import JobConfig, to_dict
+from harness.config.layout import batch_layout
+from harness.core.errors import ConfigError
+from harness.train.job import check_resume_compatible
 from models.dtp_vit import DTPViT
 from models.exported import open_clip_state_dict
 from models.pretrained import load_pretrained
-from tests.conftest import train_py
+from tests.helpers import train
 
 
 def _state(name: str, seed: int):
@@ -164,7 +165,7 @@ def test_locked_tower_gets_no_update(tmp_path, digits_dir, tower):
     the file's at the end, the other tower's have moved."""
     source = _state("ViT-micro-8", seed=1)
     torch.save(source, tmp_path / "init.pt")
-    proc = train_py(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
+    proc = train(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
                      "--output-dir", str(tmp_path), "--run-name", "locked", "--micro-batch-size", "16",
                      "--global-batch-size", "16", "--train-samples", "48", "train.progress_bar=false",
                      "data.num_workers=0", f"model.pretrained={tmp_path / 'init.pt'}", f"model.lock_{tower}=true"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.profile import main, memory_breakdown, peak_tflops
+from harness.tools.profile import main, memory_breakdown, peak_tflops
 
 
 def test_peak_table_knows_gpus_and_not_cpus():

@@ -9,8 +9,9 @@ import re
 import pytest
 
 from harness.cli import build_config
-from harness.config import ConfigError, validate
-from tests.conftest import read_jsonl, train_py
+from harness.config.job_config import validate
+from harness.core.errors import ConfigError
+from tests.helpers import read_jsonl, train, train_py
 
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 
@@ -29,7 +30,7 @@ def test_tensorboard_train_log_and_log_lines(tmp_path, digits_dir):
     pipe, as under Slurm): the event files hold the loss of each logged step equal to metrics.jsonl (stored as
     float32) and the validation and zero-shot results; train.log has the console's INFO lines and the summary;
     stderr has one progress line per log step and no tqdm bar."""
-    proc = train_py(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"),
+    proc = train(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"),
                      "--zeroshot-data", str(digits_dir / "val"), "--val-data", f"{digits_dir}/train/00000.tar",
                      "--max-steps", "6", "--output-dir", str(tmp_path), "--run-name", "r",
                      "train.log_every_steps=2", "train.timing_warmup_steps=2", "train.report_to=tensorboard",

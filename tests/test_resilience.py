@@ -1,5 +1,5 @@
-"""Per-rank fault handling without a trainer (harness/resilience.py): the hang watchdog and the stop signals in a
-child Python process, all-corrupt shards and a killed DataLoader worker on real shards and real worker processes.
+"""Per-rank fault handling without a trainer (harness/components/resilience.py): the hang watchdog and the stop signals
+in a child Python process, all-corrupt shards and a killed DataLoader worker on real shards and real worker processes.
 The end-to-end runs (2 processes, ZeRO-2 / FSDP2) are in tests/test_faults.py."""
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 from torch.utils.data import DataLoader
 
 import models
-from harness.data import Roles, Sampling, ShardStream
-from harness.errors import HANG_EXIT, PREEMPTED_EXIT
-from harness.resilience import DataWorkerError, NamedWorkerErrors, data_worker_error
-from harness.shards import expand_shards
-from tests.conftest import REPO, write_shards
+from harness.core.errors import ExitCode
+from harness.data.loader import Roles, Sampling, ShardStream
+from harness.data.shards import expand_shards
+from harness.data.workers import DataWorkerError, NamedWorkerErrors, data_worker_error
+from tests.helpers import REPO, write_shards
 
 
 def _child(code: str, tmp_path, **popen) -> subprocess.Popen:
@@ -31,7 +31,7 @@ def _child(code: str, tmp_path, **popen) -> subprocess.Popen:
 def test_watchdog_dumps_every_threads_stack_and_exits(tmp_path):
     proc = _child("""
         import threading, time
-        from harness.resilience import Watchdog
+        from harness.components.resilience import Watchdog
         def data_thread_waiting():
             time.sleep(60)
         threading.Thread(target=data_thread_waiting, daemon=True).start()
@@ -46,7 +46,7 @@ def test_watchdog_dumps_every_threads_stack_and_exits(tmp_path):
     """, tmp_path)
     start = time.monotonic()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == HANG_EXIT and time.monotonic() - start < 30
+    assert proc.returncode == ExitCode.HANG and time.monotonic() - start < 30
     dump = (tmp_path / "run" / "hang_rank_00003.txt").read_text()
     assert dump.startswith("error: rank 3: no training step completed for 1 s (train.hang_timeout_s=1) after step 3")
     assert "stuck_in_a_collective" in dump and "data_thread_waiting" in dump  # every thread, the main one included
@@ -55,9 +55,9 @@ def test_watchdog_dumps_every_threads_stack_and_exits(tmp_path):
 
 GUARD = """
     import os, signal, sys, time, types
-    from harness.resilience import RunGuard
+    from harness.components.resilience import RunSupervisor
     cfg = types.SimpleNamespace(hang_timeout_s=0, preempt_grace_s={grace})
-    with RunGuard(cfg, "run", rank=0) as guard:
+    with RunSupervisor(cfg, "run", rank=0) as guard:
         print("ready", flush=True)
         deadline = time.monotonic() + 30
         while not guard.signalled and time.monotonic() < deadline:
@@ -93,7 +93,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     start = time.monotonic()
     _signal_when_ready(proc, 0.0, 2.5)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == PREEMPTED_EXIT and time.monotonic() - start < 20
+    assert proc.returncode == ExitCode.PREEMPTED and time.monotonic() - start < 20
     assert "agreed" not in out and "a second SIGTERM: exiting now" in err
 
 
@@ -102,7 +102,7 @@ def test_grace_time_running_out_exits_at_once(tmp_path):
     start = time.monotonic()
     _signal_when_ready(proc, 0.0)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == PREEMPTED_EXIT and time.monotonic() - start < 20
+    assert proc.returncode == ExitCode.PREEMPTED and time.monotonic() - start < 20
     assert "train.preempt_grace_s=1 ran out: exiting now" in err
 
 
@@ -149,3 +149,6 @@ def test_a_killed_dataloader_worker_is_an_error_naming_its_shards(tmp_path):
     mine = stream.shards_of_worker(1, 0)
     assert all(s in text for s in mine) and not any(s in text for s in shards if s not in mine)
     assert time.monotonic() - start < 30
+    # a batch transfer cut by the death surfaces as EOFError / ConnectionResetError: named the same way
+    cut = stream.explain(EOFError())
+    assert isinstance(cut, DataWorkerError) and f"pid {victim.pid}, exit code -9" in str(cut)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from harness.schedule import build_scheduler, lr_factor
+from harness.components.lr_schedule import build_scheduler, lr_factor
 
 
 def test_warmup_rises_linearly_then_cosine_reaches_floor():

@@ -1,98 +1,94 @@
-"""End-to-end training runs as real processes: summary, exact resume (single process and 2-process
-DeepSpeed ZeRO-2 on gloo), a kill in the middle of a checkpoint save, faulty shards, refusals."""
+"""End-to-end training runs: summary, exact resume in one process, a kill in the middle of a checkpoint save (a child
+process), the 2-process DeepSpeed ZeRO-2 run's summary and checkpoint layout, faulty shards, refusals, host reads.
+Single-process runs go through ``train.py``'s entry in this process (:func:`tests.helpers.train`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from harness.checkpoint import FAULT_ENV, complete_checkpoints, load_model_state
-from tests.conftest import accelerate_launch, read_jsonl, train_py, write_shards
+from harness.components.checkpoint import complete_checkpoints
+from harness.core import hooks
+from tests.helpers import (
+    STEPS,
+    assert_same_trajectory,
+    digits_args,
+    read_jsonl,
+    train,
+    train_py,
+    write_shards,
+)
 
-pytestmark = pytest.mark.slow  # every test here runs the real trainer as processes
+pytestmark = pytest.mark.slow  # every test here runs the real trainer
 
 SUMMARY_KEYS = {"model", "world_size", "micro_batch_size", "global_batch_size", "steps", "samples_seen",
                 "final_loss", "zeroshot_top1", "zeroshot_top5", "avg_step_time_s", "samples_per_s", "peak_mem_gib"}
+SINGLE = ("data.num_workers=2", "checkpoint.every_steps=4", "checkpoint.keep_last=5")
 
 
-def _args(out: Path, data: Path, name: str, *extra: str):
-    return ["--model", "ViT-micro-8", "--train-data", str(data / "train"), "--zeroshot-data", str(data / "val"),
-            "--output-dir", str(out), "--run-name", name, "--micro-batch-size", "8", "--global-batch-size", "16",
-            "--train-samples", "320", "train.log_every_steps=1", "train.progress_bar=false",
-            "optim.warmup_samples=64", "data.shuffle_buffer=32", *extra]
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, digits_dir) -> Path:
+    """One uninterrupted 20-step run in one process (2 data workers, a checkpoint every 4 steps): the run the
+    resume and kill tests compare against."""
+    out = tmp_path_factory.mktemp("single")
+    train(digits_args(out, digits_dir, "full", *SINGLE))
+    return out / "full"
 
 
-def _assert_same_trajectory(full_dir: Path, resumed_dir: Path, from_step: int, to_step: int):
-    full = {r["step"]: r for r in read_jsonl(full_dir / "metrics.jsonl") if "loss" in r}
-    resumed = {r["step"]: r for r in read_jsonl(resumed_dir / "metrics.jsonl") if "loss" in r}
-    for step in range(from_step + 1, to_step + 1):
-        assert resumed[step]["loss"] == full[step]["loss"], f"loss differs at step {step}"
-        assert resumed[step]["lr"] == full[step]["lr"], f"lr differs at step {step}"
-    a = load_model_state(complete_checkpoints(full_dir / "checkpoints")[-1])
-    b = load_model_state(complete_checkpoints(resumed_dir / "checkpoints")[-1])
-    assert a.keys() == b.keys()
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"parameters differ after resume: {diff[:5]}"
-
-
-def test_single_process_run_trains_and_writes_summary(tmp_path, digits_dir):
-    train_py(_args(tmp_path, digits_dir, "run", "data.num_workers=0"))
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+def test_single_process_run_trains_and_writes_summary(single_run):
+    summary = json.loads((single_run / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["steps"] == 20 and summary["samples_seen"] == 320 and summary["world_size"] == 1
     assert summary["global_batch_size"] == 16 and summary["micro_batch_size"] == 8
     assert summary["grad_accum_steps"] == 2 and summary["contrastive_batch_size"] == 16  # accumulation with negatives
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in read_jsonl(single_run / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 20 and sum(losses[-3:]) < sum(losses[:3]), "loss did not go down"
     assert 0.0 <= summary["zeroshot_top1"] <= summary["zeroshot_top5"] <= 1.0
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (single_run / "config.yaml").is_file()
 
 
-def test_resume_matches_uninterrupted_run_single_process(tmp_path, digits_dir):
-    train_py(_args(tmp_path, digits_dir, "full", "data.num_workers=2"))
-    train_py(_args(tmp_path, digits_dir, "split", "data.num_workers=2", "--max-steps", "7"))
-    assert [p.name for p in complete_checkpoints(tmp_path / "split" / "checkpoints")] == ["step_00000007"]
-    train_py(_args(tmp_path, digits_dir, "split", "data.num_workers=2", "--resume", "latest"))
-    _assert_same_trajectory(tmp_path / "full", tmp_path / "split", 7, 20)
+def test_resume_matches_uninterrupted_run_single_process(tmp_path, digits_dir, single_run):
+    train(digits_args(tmp_path, digits_dir, "split", *SINGLE, "--max-steps", "7"))
+    assert [p.name for p in complete_checkpoints(tmp_path / "split" / "checkpoints")] == ["step_00000004",
+                                                                                        "step_00000007"]
+    train(digits_args(tmp_path, digits_dir, "split", *SINGLE, "--resume", "latest"))
+    assert_same_trajectory(single_run, tmp_path / "split", 7, 20)
 
 
-def test_zero2_two_processes_train_and_resume_exactly(tmp_path, digits_dir):
-    """Real 2-process DeepSpeed ZeRO-2 runs on gloo via the shipped launch config."""
-    extra = ("data.num_workers=1",)
-    accelerate_launch("zero2.yaml", _args(tmp_path, digits_dir, "full", *extra))
-    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+def test_zero2_two_processes_train_and_checkpoint_every_rank(reference_run):
+    """The real 2-process DeepSpeed ZeRO-2 run on gloo via the shipped launch config (the reference run that the
+    fault and preemption tests resume against): its summary and a checkpoint with each rank's optimizer shard."""
+    run = reference_run("zero2.yaml")
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["engine"] == "deepspeed" and summary["zero_stage"] == 2
     assert summary["grad_accum_steps"] == 1 and summary["contrastive_batch_size"] == 16
-    ckpt = complete_checkpoints(tmp_path / "full" / "checkpoints")[-1]
+    assert summary["steps"] == STEPS and summary["zeroshot_top1"] is not None
+    ckpt = complete_checkpoints(run / "checkpoints")[-1]
     assert sorted(p.name for p in (ckpt / "deepspeed").glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    accelerate_launch("zero2.yaml", _args(tmp_path, digits_dir, "split", *extra, "--max-steps", "9"))
-    accelerate_launch("zero2.yaml", _args(tmp_path, digits_dir, "split", *extra, "--resume", "latest"))
-    _assert_same_trajectory(tmp_path / "full", tmp_path / "split", 9, 20)
 
 
-def test_kill_during_checkpoint_save_resumes_from_last_complete(tmp_path, digits_dir):
-    extra = ("data.num_workers=0", "checkpoint.every_steps=4", "checkpoint.keep_last=5")
-    train_py(_args(tmp_path, digits_dir, "full", *extra))
-    killed = train_py(_args(tmp_path, digits_dir, "split", *extra), env={FAULT_ENV: "8"}, check=False)
+def test_kill_during_checkpoint_save_resumes_from_last_complete(tmp_path, digits_dir, single_run):
+    """A child process that dies inside the save of step 8 (test hook, exit status 17) leaves step 4 as the newest
+    complete checkpoint and the half-written one aside; the resume continues exactly like the uninterrupted run."""
+    killed = train_py(digits_args(tmp_path, digits_dir, "split", *SINGLE), env={hooks.KILL_IN_SAVE: "8"}, check=False)
     assert killed.returncode == 17
     ckpts = tmp_path / "split" / "checkpoints"
     assert [p.name for p in complete_checkpoints(ckpts)] == ["step_00000004"]
     assert (ckpts / "step_00000008.tmp").is_dir()  # the half-written save is left aside, not used
-    train_py(_args(tmp_path, digits_dir, "split", *extra, "--resume", "latest"))
+    train(digits_args(tmp_path, digits_dir, "split", *SINGLE, "--resume", "latest"))
     assert not (ckpts / "step_00000008.tmp").exists()
-    _assert_same_trajectory(tmp_path / "full", tmp_path / "split", 4, 20)
+    assert_same_trajectory(single_run, tmp_path / "split", 4, 20)
 
 
 def test_trains_through_faulty_img2dataset_shards(tmp_path, digits_dir):
     shards = tmp_path / "shards"
     write_shards(shards, n_shards=4, per_shard=24, missing=["000000003", "000020011"], corrupt=["000010005"],
                  no_caption=["000030001"], truncate=3)
-    args = _args(tmp_path, digits_dir, "faulty", "data.num_workers=1")
+    args = digits_args(tmp_path, digits_dir, "faulty", "data.num_workers=1")
     args[args.index("--train-data") + 1] = str(shards)
-    train_py(args)
+    train(args)
     summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
     assert summary["steps"] == 20
     bad = summary["skipped_samples"]
@@ -100,20 +96,20 @@ def test_trains_through_faulty_img2dataset_shards(tmp_path, digits_dir):
 
 
 def test_existing_run_is_not_overwritten_and_changed_setup_is_refused(tmp_path, digits_dir):
-    train_py(_args(tmp_path, digits_dir, "run", "data.num_workers=0", "--max-steps", "2"))
+    train(digits_args(tmp_path, digits_dir, "run", "data.num_workers=0", "--max-steps", "2"))
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    again = train_py(_args(tmp_path, digits_dir, "run", "data.num_workers=0"), check=False)
+    again = train(digits_args(tmp_path, digits_dir, "run", "data.num_workers=0"), check=False)
     assert again.returncode == 2 and "pass --resume latest" in again.stderr
-    changed = train_py(_args(tmp_path, digits_dir, "run", "data.num_workers=0", "--resume", "latest",
-                             "optim.lr=0.5"), check=False)
+    changed = train(digits_args(tmp_path, digits_dir, "run", "data.num_workers=0", "--resume", "latest",
+                                "optim.lr=0.5"), check=False)
     assert changed.returncode == 2 and "optim.lr: checkpoint 0.001 vs now 0.5" in changed.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
 def test_dtp_model_trains_and_logs_boundary_metrics_every_step(tmp_path, digits_dir):
-    args = _args(tmp_path, digits_dir, "dtp", "data.num_workers=0", "--train-samples", "96")
+    args = digits_args(tmp_path, digits_dir, "dtp", "data.num_workers=0", "--train-samples", "96")
     args[args.index("ViT-micro-8")] = "DTP-ViT-micro-8-2x"
-    train_py(args)
+    train(args)
     lines = [r for r in read_jsonl(tmp_path / "dtp" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in lines] == list(range(1, 7))
     for r in lines:
@@ -129,7 +125,7 @@ def test_no_host_reads_of_device_values_outside_log_steps(tmp_path):
     AdamW no step between log steps has any, for ViT and DTP-ViT; the for-loop AdamW reads every parameter's
     step counter (so the counter does see host reads)."""
     def syncs(name, *extra):
-        train_py(["--config", "synthetic", "--model", "ViT-micro-8", "--micro-batch-size", "8",
+        train(["--config", "synthetic", "--model", "ViT-micro-8", "--micro-batch-size", "8",
                   "--train-samples", "96", "--output-dir", str(tmp_path), "--run-name", name,
                   "train.log_every_steps=4", "train.timing_warmup_steps=2", "train.count_host_syncs=true",
                   "train.progress_bar=false", *extra])

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import models
-from harness.checkpoint import complete_checkpoints, load_model_state
 from harness.cli import build_config, train_main
-from harness.config import ConfigError, validate
-from harness.shards import count_samples, expand_shards
-from harness.validation import batched_clip_loss, clip_retrieval_metrics, validate_clip
-from tests.conftest import accelerate_launch, child_pids, read_jsonl, train_py, write_shards
+from harness.components.checkpoint import complete_checkpoints, load_model_state
+from harness.config.job_config import validate
+from harness.core.errors import ConfigError
+from harness.data.shards import count_samples, expand_shards
+from harness.eval.validation import batched_clip_loss, clip_retrieval_metrics, validate_clip
+from tests.helpers import child_pids, read_jsonl, train
 
 RECALL_KEYS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
 
@@ -82,9 +83,9 @@ def test_tiny_run_reports_validation_at_the_interval_and_the_end(tmp_path, digit
     """ViT-micro-8, 4 steps on the digits, validated on two of the shards every 2 steps: metrics.jsonl has a
     validation record at steps 2 and 4, summary.json the last one, counts match the shards, values in range."""
     val = f"{digits_dir}/train/{{00000..00001}}.tar"
-    train_py(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
-              "--val-data", val, "--max-steps", "4", "--output-dir", str(tmp_path), "--run-name", "v",
-              "eval.val_every_steps=2", "eval.batch_size=100", "checkpoint.every_steps=0"])
+    train(["--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
+           "--val-data", val, "--max-steps", "4", "--output-dir", str(tmp_path), "--run-name", "v",
+           "eval.val_every_steps=2", "eval.batch_size=100", "checkpoint.every_steps=0"])
     records = [r for r in read_jsonl(tmp_path / "v" / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in records] == [2, 4]
     n = count_samples(expand_shards(val))
@@ -97,22 +98,19 @@ def test_tiny_run_reports_validation_at_the_interval_and_the_end(tmp_path, digit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["fsdp.yaml", "zero3.yaml"])
-def test_sharded_validation_equals_one_process_on_the_same_weights(tmp_path, digits_dir, launch):
-    """A 2-process run (parameters sharded by FSDP2 or ZeRO-3) validates on 101 samples with unique captions in
-    forwards of 10 (rank 0 has 51 samples, rank 1 runs a filler forward); its metrics equal those computed in
-    this single process from the same final weights (its checkpoint): recall and ranks exactly, the loss to 1e-5."""
-    write_shards(tmp_path / "val", n_shards=2, per_shard=51, missing=("000010050",))
-    accelerate_launch(launch, [
-        "--model", "ViT-micro-8", "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
-        "--val-data", str(tmp_path / "val"), "--micro-batch-size", "16", "--max-steps", "3",
-        "--output-dir", str(tmp_path), "--run-name", "sharded", "eval.batch_size=10", "checkpoint.every_steps=0",
-        "train.progress_bar=false"])
-    summary = json.loads((tmp_path / "sharded" / "summary.json").read_text())
+@pytest.mark.parametrize("name", ["fsdp-siglip", "zero3"])
+def test_sharded_validation_equals_one_process_on_the_same_weights(val_shards, sharded_run, name):
+    """A 2-process run (parameters sharded by FSDP2 or ZeRO-3; the shared runs of ``tests/conftest.py``) validates on
+    101 samples with unique captions in forwards of 10 (rank 0 has 51 samples, rank 1 runs a filler forward); its
+    metrics equal those computed in this single process from the same final weights (its checkpoint): recall and
+    ranks exactly, the loss to 1e-5."""
+    run = sharded_run(name)
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_samples"] == 101
-    model = models.create_model("ViT-micro-8")
-    model.load_state_dict(load_model_state(complete_checkpoints(tmp_path / "sharded" / "checkpoints")[-1]))
-    single = validate_clip(model, str(tmp_path / "val"), "ViT-micro-8", batch_size=10)
+    siglip = name.endswith("siglip")
+    model = models.create_model("ViT-micro-8", siglip=siglip)
+    model.load_state_dict(load_model_state(complete_checkpoints(run / "checkpoints")[-1]))
+    single = validate_clip(model, str(val_shards), "ViT-micro-8", batch_size=10)
     _assert_in_range(single, 101)
     assert single["val_samples"] == 101
     for key in RECALL_KEYS + [f"{d}_{s}_rank" for d in ("image_to_text", "text_to_image") for s in ("mean", "median")]:

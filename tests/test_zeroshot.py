@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import models
-from harness.zeroshot import class_names_and_templates, zeroshot_eval
+from harness.eval.zeroshot import class_names_and_templates, zeroshot_eval
 
 
 def _folder(root, classes, per_class=3):

@@ -6,7 +6,7 @@
 * :class:`harness.engines.deepspeed.DeepSpeedEngine`: ``deepspeed.initialize`` with the job's batch, clipping
   and precision filled into the launch JSON.
 
-Engines receive a model that :func:`harness.parallelize.parallelize_clip` has made ready (checkpointing,
+Engines receive a model that :func:`harness.distributed.parallelize.parallelize_clip` has made ready (checkpointing,
 compile, FSDP2 or DDP, in torchtitan's order); DeepSpeed wraps its own. The trainer only talks to the
 :class:`Engine` protocol, never to an engine's kind.
 """
@@ -18,8 +18,9 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Protocol, runt
 import torch
 from torch import nn
 
-from harness.config import BatchLayout, JobConfig
-from harness.distributed import LaunchInfo
+from harness.config.job_config import JobConfig
+from harness.config.layout import BatchLayout
+from harness.distributed.launch import LaunchInfo
 
 
 @runtime_checkable
@@ -32,7 +33,8 @@ class Engine(Protocol):
         zero_stage: the DeepSpeed ZeRO stage, None for the other engines.
         module: the unwrapped ``nn.Module`` (parameters, ``visual``, state dicts).
         optimizer_note: the optimizer and its implementation (``"AdamW (fused)"``), for the summary.
-        guard: the :class:`harness.guard.NonfiniteGuard` that skips and counts non-finite steps in :meth:`step`.
+        guard: the :class:`harness.engines.nonfinite.NonfiniteGuard` that skips and counts non-finite steps in
+        :meth:`step`.
 
     The step reads no device value on the host: what it measures stays on the device (:meth:`step_metrics`)
     until a log step asks for it (:meth:`status`).
@@ -85,7 +87,7 @@ SchedulerFn = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRSched
 
 def build_engine(model: nn.Module, cfg: JobConfig, layout: BatchLayout, scheduler_fn: SchedulerFn,
                  device: torch.device, launch: LaunchInfo) -> Engine:
-    """The engine of this launch around a model prepared by :func:`harness.parallelize.parallelize_clip`:
+    """The engine of this launch around a model prepared by :func:`harness.distributed.parallelize.parallelize_clip`:
     DeepSpeed under a DeepSpeed launch config, FSDP2 under an FSDP one, else plain PyTorch / DDP."""
     if launch.deepspeed:
         from harness.engines.deepspeed import DeepSpeedEngine

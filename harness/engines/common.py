@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from harness.config import JobConfig
+from harness.config.job_config import JobConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:

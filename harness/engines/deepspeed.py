@@ -4,7 +4,7 @@ Under ``accelerate launch --config_file ds_configs/zero*.yaml`` Accelerate expor
 and the DeepSpeed JSON path; the DeepSpeed config is that JSON with micro batch, accumulation, global batch,
 clipping and precision filled in from the job config (so YAML, JSON and CLI never disagree). We do not go
 through ``Accelerator.prepare``: on CPU Accelerate reports one process while ``torch.distributed`` has several
-(``../shared/design/environment.md``), which breaks its rank-dependent helpers.
+(its backend detection has no CPU path for DeepSpeed), which breaks its rank-dependent helpers.
 """
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from harness.config import BatchLayout, JobConfig
-from harness.distributed import LaunchInfo, dist_info
+from harness.config.job_config import JobConfig
+from harness.config.layout import BatchLayout
+from harness.distributed.collectives import dist_info
+from harness.distributed.launch import LaunchInfo
 from harness.engines.common import ScaleWatch, build_optimizer, make_grad_scaler, num_parameters, optimizer_note
-from harness.guard import NonfiniteGuard, total_grad_norm
+from harness.engines.nonfinite import NonfiniteGuard, total_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,8 @@ class DeepSpeedEngine:
             watch.after()
         if boundary:
             skipped = self.engine.skipped_steps > skipped_before
-            if skipped:  # DeepSpeed does not advance the LR schedule on a skip; the harness does (harness.guard)
+            # DeepSpeed does not advance the LR schedule on a skip; the harness does (harness.engines.nonfinite)
+            if skipped:
                 self.scheduler.step()
             norm = self.engine.get_global_grad_norm()  # a device tensor at ZeRO 1-3, the float inf after a skip
             if isinstance(norm, torch.Tensor):

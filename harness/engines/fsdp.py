@@ -1,5 +1,5 @@
 """FSDP2 engine: the step of :class:`harness.engines.local.LocalEngine` over a model that
-:func:`harness.parallelize.parallelize_clip` sharded with ``torch.distributed.fsdp.fully_shard``.
+:func:`harness.distributed.parallelize.parallelize_clip` sharded with ``torch.distributed.fsdp.fully_shard``.
 
 Mixed precision (applied when sharding): the transformer blocks of both towers get
 ``MixedPrecisionPolicy(param_dtype=bf16|fp16, reduce_dtype=fp32)`` (parameters all-gathered in half
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from harness.config import JobConfig
+from harness.config.job_config import JobConfig
 from harness.engines.common import make_grad_scaler
 from harness.engines.local import LocalEngine
 
@@ -27,7 +27,7 @@ class FSDPEngine(LocalEngine):
     clipping over the sharded gradients, AdamW on the local shards, fp16 loss scaling.
 
     Checkpoints are ``torch.distributed.checkpoint`` folders (``fsdp/``: every rank writes its shards);
-    :func:`harness.checkpoint.load_model_state` turns one into a full state dict.
+    :func:`harness.components.checkpoint.load_model_state` turns one into a full state dict.
     """
 
     kind = "fsdp"

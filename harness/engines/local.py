@@ -8,16 +8,17 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from harness.config import BatchLayout, JobConfig
-from harness.distributed import dist_info
+from harness.config.job_config import JobConfig
+from harness.config.layout import BatchLayout
+from harness.distributed.collectives import dist_info
+from harness.distributed.hardware import autocast_dtype
 from harness.engines.common import ScaleWatch, build_optimizer, make_grad_scaler, num_parameters, optimizer_note
-from harness.guard import NonfiniteGuard, total_grad_norm
-from harness.hardware import autocast_dtype
+from harness.engines.nonfinite import NonfiniteGuard, total_grad_norm
 
 
 class LocalEngine:
     """Plain PyTorch: single process, or DDP (the model arrives wrapped by
-    :func:`harness.parallelize.parallelize_clip`).
+    :func:`harness.distributed.parallelize.parallelize_clip`).
 
     Gradient accumulation skips DDP's all-reduce (``no_sync``) on non-boundary micro batches;
     ``bf16``/``fp16`` run the forward under autocast (fp32 master weights; open_clip's ``logit_scale``
@@ -25,7 +26,7 @@ class LocalEngine:
     (``GradScaler`` with ``train.loss_scale_init`` and growth every ``train.loss_scale_window`` overflow-free
     steps): a step whose gradients overflow is skipped, the scale halves, and the step is counted in
     ``skipped_optimizer_steps``. Clipping is by global L2 norm (``torch.nn.utils.clip_grad_norm_``). A step whose
-    loss or global gradient norm is not finite is skipped on every rank (:mod:`harness.guard`).
+    loss or global gradient norm is not finite is skipped on every rank (:mod:`harness.engines.nonfinite`).
 
     No device value is read on the host in the step: the gradient norm and the overflow count stay on the
     device (with a fused AdamW, ``GradScaler.step`` decides an overflow skip on the device too; a non-fused
@@ -93,7 +94,7 @@ class LocalEngine:
             self.scaler.update()
             self.scale_watch.after()
             self.guard.count_scaled_step(self.grad_norm)
-        else:  # skipped on the device when the global gradient norm is not finite (harness.guard)
+        else:  # skipped on the device when the global gradient norm is not finite (harness.engines.nonfinite)
             self.guard.optimizer_step(self.optimizer, self.grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,1 @@
+"""Pieces of a training run with small interfaces: checkpoints, metrics and sinks, the LR schedule, resilience."""

@@ -1,0 +1,1 @@
+"""The typed job config, its presets and overrides, and the batch arithmetic."""

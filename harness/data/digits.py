@@ -1,0 +1,124 @@
+"""The embedded default dataset: scikit-learn's bundled handwritten digits as img2dataset-style shards.
+
+``sklearn.datasets.load_digits`` ships 1,797 labelled 8x8 grey-scale digits offline. This writes
+
+* ``<out>/train/00000.tar ...``: webdataset shards in img2dataset's layout, one sample per key:
+  ``<key>.png`` (8x8, grey), ``<key>.txt`` (a caption from one of several templates using the
+  class name, e.g. "a handwritten digit seven"), ``<key>.json`` (img2dataset's metadata columns),
+  plus ``<shard>_stats.json`` with the ``successes`` count, as img2dataset writes;
+* ``<out>/val/<class name>/<key>.png``: a stratified held-out split as an ImageFolder directory,
+  with ``templates.txt`` giving the zero-shot prompt templates.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+DIGITS_DIR = "data/digits"
+"""Where the demo and the ``digits`` preset keep the dataset (relative to the working directory)."""
+CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CAPTION_TEMPLATES = [
+    "a handwritten digit {}",
+    "a scan of the number {} written by hand",
+    "the digit {}",
+    "a small grey picture of a handwritten {}",
+    "a {} drawn with a pen",
+]
+ZEROSHOT_TEMPLATES = ["a handwritten digit {}.", "a photo of the number {}."]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # reproducible bytes
+    tf.addfile(info, io.BytesIO(payload))
+
+
+def write_digits(out_dir: str, num_shards: int = 4, val_fraction: float = 0.2, seed: int = 0) -> Dict[str, int]:
+    """Write the digits train shards and held-out ImageFolder split under ``out_dir``.
+
+    Args:
+        out_dir: destination; ``train/`` and ``val/`` are created (existing files are overwritten).
+        num_shards: number of train ``.tar`` shards.
+        val_fraction: held-out fraction per class (stratified).
+        seed: split and caption-template seed.
+
+    Returns:
+        ``{"train": n_train, "val": n_val, "shards": num_shards}``.
+
+    Raises:
+        ValueError: ``num_shards < 1`` or ``val_fraction`` outside ``(0, 1)``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if num_shards < 1:
+        raise ValueError(f"num_shards: must be >= 1, got {num_shards}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
+    digits = load_digits()
+    # 0..16 ink levels -> 0..255, white digit on black as in the original scans' inversion
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = digits.target
+    idx = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=labels, random_state=seed)
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    train_dir, val_dir = out / "train", out / "val"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for s, chunk in enumerate(np.array_split(np.sort(train_idx), num_shards)):
+        shard = train_dir / f"{s:05d}.tar"
+        tmp = shard.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w") as tf:
+            for i in chunk:
+                key = f"{s:05d}{int(i):04d}"
+                caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(CLASS_NAMES[labels[i]])
+                png = _png(pixels[i])
+                meta = {"url": f"sklearn://digits/{int(i)}", "key": key, "status": "success", "caption": caption,
+                        "width": 8, "height": 8, "original_width": 8, "original_height": 8,
+                        "sha256": hashlib.sha256(png).hexdigest(), "label": int(labels[i])}
+                _add(tf, f"{key}.png", png)
+                _add(tf, f"{key}.txt", caption.encode())
+                _add(tf, f"{key}.json", json.dumps(meta).encode())
+        tmp.replace(shard)
+        (train_dir / f"{s:05d}_stats.json").write_text(json.dumps(
+            {"count": len(chunk), "successes": len(chunk), "failed_to_download": 0, "failed_to_resize": 0}))
+    for i in val_idx:
+        d = val_dir / CLASS_NAMES[labels[i]]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{int(i):04d}.png").write_bytes(_png(pixels[i]))
+    (val_dir / "templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
+    return {"train": len(train_idx), "val": len(val_idx), "shards": num_shards}
+
+
+def ensure_digits(out_dir: str = DIGITS_DIR) -> bool:
+    """Write the digits shards to ``out_dir`` unless present; safe when several ranks race (each writes a
+    private folder, one atomic rename wins). Returns True if this call wrote them."""
+    target = Path(out_dir)
+    if (target / "train").is_dir() and (target / "val").is_dir():
+        return False
+    tmp = Path(f"{out_dir}.tmp-{os.getpid()}")
+    write_digits(str(tmp))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False

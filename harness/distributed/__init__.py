@@ -1,0 +1,1 @@
+"""Launch detection, process groups, collectives, hardware checks and the order models are parallelized in."""
