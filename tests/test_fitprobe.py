@@ -243,11 +243,12 @@ def test_killed_sweep_resumes_without_redoing_finished_cells(resumed_sweep):
 
 @pytest.mark.slow
 def test_one_rank_out_of_memory_is_agreed_and_the_search_goes_on(tmp_path, sweep):
-    """Rank 1 gets 3/4 of the budget (test hook): probes where only it runs out of memory end with the cell's
-    outcome OOM agreed from the ranks' statuses, within seconds (no hang), and the search goes on to a batch that
-    fits, smaller than what one process with the whole budget fits (the sweep's FSDP cell on 1 process)."""
+    """A 2-rank DeepSpeed ZeRO-2 cell where rank 1 gets 3/4 of the budget (test hook): probes where only it runs out
+    of memory end with the cell's outcome OOM agreed from the ranks' statuses, within seconds (no hang), and the
+    search goes on to a batch that fits, smaller than what one process with the whole budget fits (the sweep's DDP
+    cell on 1 process)."""
     out = tmp_path / "sweep"
-    fit_probe(["--models", "ViT-micro-8", "--stages", "fsdp", "--precisions", "fp32", "--gpus-per-node", "2",
+    fit_probe(["--models", "ViT-micro-8", "--stages", "2", "--precisions", "fp32", "--gpus-per-node", "2",
                "--budget-gib", str(BUDGET), "--granularity", "128", "--timeout", "300", "--out", str(out)],
               env={hooks.BUDGET_SCALE_RANK: "1:0.75"})
     probes = read_jsonl(out / "probes.jsonl")
@@ -257,7 +258,7 @@ def test_one_rank_out_of_memory_is_agreed_and_the_search_goes_on(tmp_path, sweep
     assert all(p["seconds"] < 120 and p["returncode"] is not None for p in one_rank)
     assert all(p["reason"].startswith("rank 1:") for p in one_rank)
     (cell,) = read_jsonl(out / "cells.jsonl")
-    whole = {(c["stage"], c["gpus_per_node"]): c for c in read_jsonl(sweep[0] / "cells.jsonl")}[("fsdp", 1)]
+    whole = {(c["stage"], c["gpus_per_node"]): c for c in read_jsonl(sweep[0] / "cells.jsonl")}[("ddp", 1)]
     assert 0 < cell["max_batch"] < whole["max_batch"]  # rank 1's smaller budget bounds the 2-rank cell
 
 

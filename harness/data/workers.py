@@ -83,7 +83,7 @@ class NamedWorkerErrors:
             except StopIteration:
                 return
             except Exception as e:  # noqa: BLE001 - re-raised as it is unless a worker died
-                named = self.explain(e)
+                named = self.explain(e) or self._dead_worker(e)
                 if named is None:
                     raise
                 raise named from e
@@ -99,20 +99,21 @@ class NamedWorkerErrors:
             shutdown()
 
     def explain(self, error: BaseException) -> Optional[DataWorkerError]:
-        """A :class:`DataWorkerError` for PyTorch's dead-worker ``RuntimeError``, or for any error of the loader while
-        one of its workers is dead (a worker killed while it hands a batch over surfaces as an ``EOFError`` or
-        ``ConnectionResetError`` of the transfer, before PyTorch's own check); else None."""
-        if isinstance(error, DataWorkerError):
-            return None
+        """A :class:`DataWorkerError` for PyTorch's dead-worker ``RuntimeError``, else None."""
         found = _WORKER_PIDS.search(str(error))
-        if found is not None:
-            pids = found.group(1)
-        else:
-            dead = [str(w.pid) for w in getattr(self._it, "_workers", None) or [] if not w.is_alive()]
-            if not dead:
-                return None
-            pids = ", ".join(dead)
-        return DataWorkerError(self._describe(self._it, pids, self._last, f"{type(error).__name__}: {error}"))
+        if found is None or isinstance(error, DataWorkerError):
+            return None
+        return DataWorkerError(self._describe(self._it, found.group(1), self._last, str(error)))
+
+    def _dead_worker(self, error: BaseException) -> Optional[DataWorkerError]:
+        """A :class:`DataWorkerError` for an error of the loader's own ``next()`` while one of its workers is dead (a
+        worker killed while it hands a batch over surfaces as an ``EOFError`` or ``ConnectionResetError`` of the
+        transfer, before PyTorch's own liveness check); None while every worker lives."""
+        dead = [str(w.pid) for w in getattr(self._it, "_workers", None) or [] if not w.is_alive()]
+        if not dead or isinstance(error, DataWorkerError):
+            return None
+        return DataWorkerError(self._describe(self._it, ", ".join(dead), self._last,
+                                              f"{type(error).__name__}: {error}"))
 
     def _describe(self, it, pids_text: str, last: Dict[int, tuple], original: str) -> str:
         pids = {int(p) for p in re.findall(r"\d+", pids_text)}
