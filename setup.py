@@ -10,7 +10,8 @@ setup(
     description="Scaling harness for CLIP-style vision transformers: DeepSpeed/FSDP training, fit probes, reports",
     python_requires=">=3.10",
     packages=find_packages(include=["harness", "harness.*", "models", "models.*"]),
-    package_data={"models": ["configs/*.json"], "harness.config": ["presets/*.yaml"]},
+    package_data={"models": ["configs/*.json"], "harness.config": ["presets/*.yaml"],
+                  "harness.distributed": ["gpus.yaml"]},
     install_requires=[
         "torch>=2.11",  # checked: the fast suite and the multi-process runs pass on 2.11 (the GPU machine) and 2.15
         "torchvision>=0.19",

@@ -205,6 +205,8 @@ COMMANDS = {
                        _lr_find),
     "fit-probe": Command("largest micro batch per (model, stage, precision, ...) cell: the memory-fit table",
                          _module_main("harness.fit.probe")),
+    "plan": Command("predict the fit table, step time, MFU and cost on a named GPU and cluster shape, without it",
+                    _module_main("harness.fit.plan")),
     "profile": Command("per-model step time / memory / GFLOPs / MFU report", _module_main("harness.tools.profile")),
     "boundaries": Command("draw a DTP-ViT checkpoint's learned segments over images",
                           _module_main("harness.tools.boundaries")),

@@ -76,6 +76,7 @@ for _name, _desc in [
     ("ViT-B-16", "ViT-B/16 image tower, 224 px, 197 tokens; 12-layer 512-wide text tower"),
     ("ViT-L-14", "ViT-L/14 image tower, 224 px, 257 tokens; 12-layer 768-wide text tower"),
     ("ViT-H-14", "ViT-H/14 image tower, 224 px, 257 tokens; 24-layer 1024-wide text tower"),
+    ("ViT-g-14", "ViT-g/14 image tower (40 layers, 1408 wide), 224 px, 257 tokens; 24-layer 1024-wide text tower"),
 ]:
     register(ModelSpec(_name, "vit", False, _desc))
 register(ModelSpec("ViT-tiny-8", "vit", True, "tiny CPU model, 32 px, patch 8, width 128 (demo default)"))

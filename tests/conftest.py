@@ -3,6 +3,7 @@ The helpers themselves are in ``tests/helpers.py``."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -23,6 +24,9 @@ from tests.helpers import (
 )
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# measured activation profiles and FLOPs are cached per session: measured by the code under test, not read from a
+# cache an earlier version of the code left in ~/.cache
+os.environ["HARNESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="harness-cache-")
 # the in-process runs compute like the child processes (OMP_NUM_THREADS=1), so the two can be compared bit for bit
 torch.set_num_threads(1)
 

@@ -95,12 +95,17 @@ def test_checkpointing_gives_the_same_gradients_on_gpu():
     assert worst <= 1e-4, worst
 
 
-def test_a_cuda_out_of_memory_is_an_oom_exit(tmp_path):
+def test_a_cuda_out_of_memory_is_an_oom_exit_with_the_allocator_snapshot(tmp_path):
     proc = train_py(["--config", "synthetic", "--model", "ViT-B-32", "--micro-batch-size", "4096", "--train-samples",
-                     "8192", "--output-dir", str(tmp_path), "--run-name", "oom", "train.memory_budget_gib=8"],
-                    env=GPU, check=False, timeout=900)
+                     "8192", "--output-dir", str(tmp_path), "--run-name", "oom", "train.memory_budget_gib=8",
+                     "train.oom_snapshot=true"], env=GPU, check=False, timeout=900)
     status = json.loads((tmp_path / "oom" / "status" / "rank_00000.json").read_text())
     assert proc.returncode == 3 and status["status"] == "oom"
+    snapshot = tmp_path / "oom" / "oom_snapshot_rank00000.pickle"
+    assert str(snapshot) in status["message"] and snapshot.stat().st_size > 0
+    import pickle
+
+    assert pickle.loads(snapshot.read_bytes())["segments"]  # the allocator's segments at the failure
 
 
 def test_packed_dtp_segments_match_the_padded_path_on_gpu():

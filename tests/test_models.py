@@ -9,7 +9,7 @@ from open_clip import ClipLoss
 import models
 
 # image-tower parameter counts (millions) from the design notes / open_clip's model profile
-PUBLISHED_IMAGE_TOWER_M = {"ViT-B-32": 88, "ViT-B-16": 86, "ViT-L-14": 304, "ViT-H-14": 632}
+PUBLISHED_IMAGE_TOWER_M = {"ViT-B-32": 88, "ViT-B-16": 86, "ViT-L-14": 304, "ViT-H-14": 632, "ViT-g-14": 1013}
 
 
 def test_registry_lists_the_product_models():

@@ -6,13 +6,20 @@ import json
 
 import pytest
 
-from harness.tools.profile import main, memory_breakdown, peak_tflops
+from harness.distributed.gpu_catalog import peak_tflops
+from harness.tools.profile import main, memory_breakdown
 
 
-def test_peak_table_knows_gpus_and_not_cpus():
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+def test_peak_table_knows_gpus_by_their_torch_names_and_not_cpus():
+    """The dense data-sheet peaks, found by what ``torch.cuda.get_device_name()`` says: the PCIe H100 is not taken for
+    the SXM one, nor an A10 for an A100; fp32 runs on TF32 tensor cores, a V100 has no bf16."""
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.5
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
     assert peak_tflops("NVIDIA A100-SXM4-40GB", "bf16") == 312.0
-    assert peak_tflops("cpu", "fp32") is None
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 156.0
+    assert peak_tflops("NVIDIA A10", "bf16") == 125.0
+    assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None
+    assert peak_tflops("cpu (x86_64 AVX512, 2 cores)", "fp32") is None
 
 
 def test_memory_breakdown_scales_with_batch_and_counts_adamw_state():

@@ -7,8 +7,7 @@ and against the filesystem are :func:`validate`. Hardware checks (which kernels 
 budgets against the device) live in :mod:`harness.distributed.hardware`; building a config from presets, flags and
 ``section.field=value`` overrides, parsed by each field's declared type, in :mod:`harness.config.overrides`.
 
-Batch arithmetic lives in one place, :func:`batch_layout`:
-``global_batch = micro_batch * grad_accum_steps * world_size``.
+Batch arithmetic lives in :func:`batch_layout`: ``global_batch = micro_batch * grad_accum_steps * world_size``.
 """
 from __future__ import annotations
 
@@ -201,6 +200,9 @@ class TrainConfig:
     profile_step: Optional[int] = None
     """Record a PyTorch profiler trace of this step (``trace_step<N>_rank<R>.json`` in the run directory)
     and, on CUDA, a memory snapshot (``memory_snapshot_step<N>_rank<R>.pickle``, for pytorch.org/memory_viz)."""
+    oom_snapshot: bool = False
+    """CUDA: record the allocator's history (as torchtitan's ``enable_memory_snapshot``); an out-of-memory error writes
+    ``oom_snapshot_rank<R>.pickle`` (pytorch.org/memory_viz), named in the error. Costs host time: fit probes only."""
 
     def __post_init__(self):
         check_choice(self, "precision")

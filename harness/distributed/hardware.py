@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -67,6 +67,26 @@ def is_out_of_memory(error: BaseException) -> bool:
     NCCL."""
     return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
                                                          and bool(_OOM_PATTERNS.search(str(error))))
+
+
+def record_allocations(cfg: JobConfig, device: torch.device) -> bool:
+    """Start recording the CUDA caching allocator's history when ``train.oom_snapshot`` asks for it on a GPU (at most
+    100,000 events, Python stacks); returns whether it records."""
+    if device.type != "cuda" or not cfg.train.oom_snapshot:
+        return False
+    torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
+    return True
+
+
+def dump_oom_snapshot(run_dir, rank: int) -> Optional[str]:
+    """Write the recorded allocator history to ``run_dir/oom_snapshot_rank<R>.pickle`` after an out-of-memory error
+    (load it at pytorch.org/memory_viz); returns the path, or None when it could not be written."""
+    path = f"{run_dir}/oom_snapshot_rank{rank:05d}.pickle"
+    try:
+        torch.cuda.memory._dump_snapshot(path)
+    except Exception:  # noqa: BLE001 - evidence is best effort: the OOM itself is what gets reported
+        return None
+    return path
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -15,11 +15,18 @@ The idea of counting saved tensors through these hooks is PyTorch's (``torch.uti
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import torch
+
+PROFILE_VERSION = 1
+"""Bumped whenever what :func:`activation_profile` measures changes: older cached profiles are then not read."""
 
 
 @dataclass(frozen=True)
@@ -112,12 +119,51 @@ def _measure(model, batch: int, image_size: int, context: int,
     return saved, inputs
 
 
+def cache_dir() -> Path:
+    """Where measured profiles are kept between runs: ``$HARNESS_CACHE_DIR``, else ``~/.cache/harness``."""
+    return Path(os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "harness")
+
+
+def cache_file(kind: str, *key: str) -> Path:
+    """The cache file of one measurement, keyed on ``key`` and the torch version (and :data:`PROFILE_VERSION`)."""
+    name = "-".join((*key, f"torch{torch.__version__}", f"v{PROFILE_VERSION}")).replace("/", "_")
+    return cache_dir() / kind / f"{name}.json"
+
+
+def _cached(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent or damaged: measured again
+
+
+def _store(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # a reader sees the old file or the whole new one
+
+
 @functools.lru_cache(maxsize=None)
 def activation_profile(name: str, precision: str, attention: str) -> ActivationProfile:
     """:class:`ActivationProfile` of registered model ``name`` (random weights, on the CPU, in training mode)
     under ``precision`` (``fp32``, ``bf16``; ``fp16`` counted as ``bf16``: the same element sizes) and
     ``attention`` (``math`` keeps the ``[a, s, s]`` probabilities; any fused kernel is counted as the CPU's
-    flash kernel, which keeps ``O(s)``). Costs one forward of the model at batch 1 and 2 on the CPU."""
+    flash kernel, which keeps ``O(s)``, as CUDA's flash / memory-efficient / cuDNN kernels do: the output and an
+    fp32 log-sum-exp). Costs one forward of the model at batch 1 and 2 on the CPU the first time; then read from
+    :func:`cache_dir` (keyed on model, precision, attention kind and torch version)."""
+    key = (name, "fp32" if precision == "fp32" else "bf16", "math" if attention == "math" else "sdpa")
+    path = cache_file("activations", *key)
+    data = _cached(path)
+    if data is not None:
+        blocks = {t: tuple(BlockActivations(**b) for b in bl) for t, bl in data["blocks"].items()}
+        return ActivationProfile(blocks, data["outside"], data["inputs"])
+    prof = _measure_profile(*key)
+    _store(path, dataclasses.asdict(prof))
+    return prof
+
+
+def _measure_profile(name: str, precision: str, attention: str) -> ActivationProfile:
     import models
     from models.blocks import tower_block_lists
 

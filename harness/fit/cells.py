@@ -26,11 +26,10 @@ class ProbeInputError(ValueError):
     """Bad fit-probe input; the message names the flag and the allowed values."""
 
 
-def probe_parser(description: str = "") -> argparse.ArgumentParser:
-    """The ``harness fit-probe`` flags with their defaults and help: the one definition of the probe's options
-    (:class:`ProbeOptions` is made from it)."""
-    p = argparse.ArgumentParser(prog="harness fit-probe", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_cell_arguments(p: argparse.ArgumentParser) -> None:
+    """The cell grammar shared by ``harness fit-probe`` and ``harness plan``: which models, engines, precisions,
+    checkpointing, attention backends, cluster shapes, loss forms and accumulation searches make the cells
+    (:func:`build_cells`)."""
     p.add_argument("--models", help="comma-separated registered models (required unless --merge)")
     p.add_argument("--stages", default="2", help=f"comma-separated, of: {', '.join(STAGES)} (ddp: plain PyTorch "
                    "DDP; 0-3: DeepSpeed ZeRO; fsdp / fsdp-sgo: FSDP2 full shard / shard-grad-op)")
@@ -46,11 +45,21 @@ def probe_parser(description: str = "") -> argparse.ArgumentParser:
                    "largest count K of micro batches accumulated with negatives instead of the micro batch (the "
                    "contrastive batch K x micro x world is reported)")
     p.add_argument("--max-accum", type=int, default=4096, help="largest accumulation count tried (--accum-search)")
+
+
+def probe_parser(description: str = "") -> argparse.ArgumentParser:
+    """The ``harness fit-probe`` flags with their defaults and help: the one definition of the probe's options
+    (:class:`ProbeOptions` is made from it)."""
+    p = argparse.ArgumentParser(prog="harness fit-probe", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_arguments(p)
     p.add_argument("--budget-gib", type=float, help="memory per process in GiB (required in CPU mode; on a GPU it "
                    "emulates a smaller card)")
     p.add_argument("--granularity", type=int, default=8, help="micro batches are multiples of this")
     p.add_argument("--max-batch", type=int, default=1 << 16, help="largest micro batch tried")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per probe (>= 2; the first is warm-up)")
+    p.add_argument("--margin", type=float, default=0.05, help="GPU: fraction of memory kept free for the batch the "
+                   "table recommends beside the largest measured fit (harness plan's)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a probe counts as a hang")
     p.add_argument("--cpu-processes", type=int, default=2, help="CPU mode: ranks that may run at once here")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local",

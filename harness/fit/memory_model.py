@@ -144,29 +144,45 @@ def state_bytes(shape: ModelShape, s: Setup, device_type: str) -> Dict[str, floa
 
 
 def backward_points(shape: ModelShape, prof: ActivationProfile, s: Setup, batch: int,
-                    grad_bytes: float) -> List[Tuple[float, float]]:
-    """The memory of the forward/backward above the states without gradients, at each point where a peak can
-    come, as ``(unscaled, activation)`` bytes pairs (the calibration scales the second): the start of backward
-    (every activation kept, the loss's buffers) and, tower by tower in backward order (the text tower first:
+                    grad_bytes: float) -> List[Tuple[float, Dict[str, float]]]:
+    """The memory of the forward/backward above the states without gradients at each point where a peak can come,
+    as ``(unscaled bytes, {"image": activation bytes, "text": ...})`` (the calibration scales the second): the start
+    of backward (every activation kept, the loss's buffers) and, tower by tower in backward order (text first:
     open_clip encodes it last, and autograd runs the later nodes first), each block's backward (the activations
-    still kept, the block recomputed if checkpointed, its gradients in flight, the parameter gradients of
-    everything already back-propagated). ``grad_bytes`` are the gradient bytes per parameter on this rank."""
+    still kept, the block recomputed if checkpointed, its gradients in flight, the parameter gradients already
+    made). Input batches count with their tower. ``grad_bytes``: gradient bytes per parameter on this rank."""
+    text_in = 8.0 * shape.context_length
     kept_blocks = {t: [b.input if _checkpointed(s, i, t, shape) else b.saved for i, b in enumerate(bl)]
                    for t, bl in prof.blocks.items()}
-    kept = prof.inputs + sum(prof.outside.values()) + sum(sum(v) for v in kept_blocks.values())
-    points = [(0.0, kept * batch)]  # the loss's own buffers are added by the caller at this point
-    grads, live = 0.0, kept
+    live = {t: prof.outside.get(t, 0.0) + sum(kept_blocks.get(t, ())) for t in ("image", "text")}
+    live["image"] += prof.inputs - text_in
+    live["text"] += text_in
+    points = [(0.0, {t: v * batch for t, v in live.items()})]  # the loss's own buffers: added by the caller
+    grads = 0.0
     for tower in ("text", "image"):
         blocks, shapes = prof.blocks.get(tower, ()), shape.towers.get(tower, ())
         for i in reversed(range(len(blocks))):
             b = blocks[i]
             extra = (b.saved - b.input if kept_blocks[tower][i] == b.input else 0.0) + b.working
-            points.append((grads, (live + extra) * batch))
-            live -= kept_blocks[tower][i]
+            now = {t: v * batch for t, v in live.items()}
+            now[tower] += extra * batch
+            points.append((grads, now))
+            live[tower] -= kept_blocks[tower][i]
             grads += grad_bytes * shapes[i].params
-        live -= prof.outside.get(tower, 0.0)
+        live[tower] -= prof.outside.get(tower, 0.0)
         grads += grad_bytes * shape.tower_root_params.get(tower, 0)
     return points
+
+
+def autocast_weight_bytes(shape: ModelShape, s: Setup) -> float:
+    """Autocast's low-precision copies of the transformer blocks' weights, made in the forward and kept for the
+    backward (``torch.autocast`` casts each fp32 leaf weight once per forward and caches it; the matmul saves the
+    copy): ``2 x`` the block parameters under bf16/fp16 autocast. None under fp32, DeepSpeed's native fp16 (a
+    half-precision module) or FSDP2 (its blocks are gathered in the compute dtype: nothing to cast). The
+    activation profile cannot see them (they do not grow with the batch)."""
+    if s.precision == "fp32" or s.stage.startswith("fsdp") or (s.precision == "fp16" and s.stage in ZERO_PARTITIONED):
+        return 0.0
+    return 2.0 * shape.block_params
 
 
 def _checkpointed(s: Setup, i: int, tower: str, shape: ModelShape) -> bool:
@@ -236,13 +252,14 @@ class MemoryModel:
         out = state_bytes(shape, s, self.device_type)
         micro = s.rows_cols(batch)[0]
         pts = backward_points(shape, activation_profile(model, s.precision, s.attention), s, micro, 0.0)
-        out["activations"] = pts[0][1]
+        out["activations"] = sum(pts[0][1].values())
+        out["autocast_weights"] = autocast_weight_bytes(shape, s)
         out["logits"] = loss_bytes(s, shape.embed_dim, batch)
-        # the optimizer step's temporaries: torch's AdamW on CUDA is the foreach implementation (about two
-        # more copies of the local gradients); on a CPU the per-tensor loop (two copies of the largest local
-        # tensor: DeepSpeed steps one flat fp32 partition, FSDP2 and DDP per parameter)
+        # the optimizer step's temporaries: the harness's fused AdamW (``optim.fused``, default) updates in place on
+        # CUDA (``torch._fused_adamw_``: no temporaries); on a CPU, two copies of the largest local tensor
+        # (DeepSpeed steps one flat fp32 partition, FSDP2 and DDP per parameter)
         if self.device_type == "cuda":
-            out["step_extra"] = 2 * out.get("grads", 0.0)
+            out["step_extra"] = 0.0
         elif s.stage in ZERO_PARTITIONED:
             out["step_extra"] = 2 * 4.0 * shape.params / s.world
         else:
@@ -256,10 +273,11 @@ class MemoryModel:
         buffers at the start of backward."""
         shape = model_shape(model)
         c = state_bytes(shape, s, self.device_type)
-        const = sum(c.values()) - c.get("grads", 0.0)
+        const = sum(c.values()) - c.get("grads", 0.0) + autocast_weight_bytes(shape, s)
         micro = s.rows_cols(batch)[0]
         grad_per_param = c.get("grads", 0.0) / shape.params
         pts = backward_points(shape, activation_profile(model, s.precision, s.attention), s, micro, grad_per_param)
+        pts = [(u, sum(a.values())) for u, a in pts]
         pts[0] = (loss_bytes(s, shape.embed_dim, batch), pts[0][1])
         return const, pts
 
@@ -272,19 +290,19 @@ class MemoryModel:
         """The forward/backward branch of the peak: the states without gradients, plus the largest over the
         points of :func:`backward_points` of the analytic part and the calibrated activations."""
         const, pts = self._forward_parts(model, s, batch)
-        alpha, beta = self._calibration(model, s) if calibrated else (1.0, 0.0)
+        alpha, beta = self.calibration(model, s) if calibrated else (1.0, 0.0)
         return const + beta + max(u + alpha * a for u, a in pts)
 
     def step_peak(self, model: str, s: Setup) -> float:
         """The optimizer-step branch of the peak (all states and the step's temporaries), batch-independent."""
         c = self.components(model, s, 1)
-        return sum(v for k, v in c.items() if k not in ("activations", "logits"))
+        return sum(v for k, v in c.items() if k not in ("activations", "logits", "autocast_weights"))
 
     def is_forward_dominated(self, model: str, s: Setup, peak_bytes: float) -> bool:
         """A measured peak clearly above the optimizer-step branch: it tells how memory grows with the batch."""
         return peak_bytes > 1.02 * self.step_peak(model, s)
 
-    def _calibration(self, model: str, s: Setup) -> Tuple[float, float]:
+    def calibration(self, model: str, s: Setup) -> Tuple[float, float]:
         """(alpha, offset) for ``s``: its own offset if measured, else the mean offset of the family's setups of
         the same world size, else of the same stage, else of the whole family."""
         fam = self._fit.get(self.family(model, s))

@@ -42,6 +42,8 @@ class ModelShape:
     tower_root_params: Dict[str, int] = None
     """``{"image": n, "text": m}``: each tower's parameters outside its transformer blocks (patch or token
     embedding, positions, norms, projection); the logit scale and bias belong to neither."""
+    context_length: int = 77
+    """Tokens per caption (the text tower's sequence length)."""
 
     @property
     def block_params(self) -> int:
@@ -93,4 +95,4 @@ def model_shape(name: str) -> ModelShape:
     blocks_of = {t: sum(b.params for b in blocks) for t, blocks in towers.items()}
     roots = {"image": visual - blocks_of["image"], "text": params - visual - loose - blocks_of["text"]}
     return ModelShape(params, towers, params - in_blocks, arch["embed_dim"], 3 * size * size, max(numels), numels,
-                      roots)
+                      roots, txt.get("context_length", 77))

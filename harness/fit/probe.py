@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional
 
 from harness.core.errors import ExitCode, refuse
 from harness.core.units import GIB
+from harness.distributed.gpu_catalog import gpu_of_device
 from harness.fit.cells import (
     TERMINAL,
     Cell,
@@ -49,6 +50,7 @@ from harness.fit.cells import (
     probe_parser,
     validate_args,
 )
+from harness.fit.cuda_memory import default_terms
 from harness.fit.memory_model import MemoryModel
 from harness.fit.report import merge_stores, write_reports
 from harness.fit.search import (
@@ -161,7 +163,9 @@ def sweep(cells: List[Cell], device: Dict[str, Any], args: ProbeOptions) -> int:
         g, cap = (1, args.max_accum) if cell.micro else (args.granularity, args.max_batch)
         calibrated = cell.family in calibrated_families
         measured = [p for recs in probes.values() for p in recs] + added
-        limit = usable_limit_bytes(card, device["type"], measured)
+        gpu = gpu_of_device(device["name"]) if device["type"] == "cuda" else None
+        limit = usable_limit_bytes(card, device["type"], measured,
+                                   default_terms(gpu, cell.world, cell.stage) if gpu else None)
         if how == "scheduler-limit":
             rec = predicted_record(cell, how, model, limit, g, cap,
                                    f"scheduler limit: the partition allows {args.max_nodes} nodes")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from harness.fit.cells import FAILURES, TERMINAL, Cell, stage_label
 from harness.fit.heatmap import write_heatmap
+from harness.fit.plan import beside_measurement
 from harness.fit.store import ResultsStore
 
 HEADER = ["model", "batch size", "# nodes", "# GPUs per node", "effective batch size", "contrastive batch", "cluster",
@@ -120,6 +121,7 @@ def write_reports(cells: List[Dict[str, Any]], out: Path, args, model=None, env:
             "(max over ranks). Granularity: "
             f"{getattr(args, 'granularity', '?')}; each probe ran {env.get('probe_steps', '?')} optimizer steps "
             "(the first excluded from the step time).", ""] + lines + ["", summary]
+    text += beside_measurement(cells, out, getattr(args, "margin", 0.05))
     model_lines = []
     if model is not None and model.points:
         report = model.error_report()

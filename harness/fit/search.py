@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from harness.core.paths import REPO_ROOT
 from harness.core.units import GIB
 from harness.fit.cells import FAILURES, TERMINAL, Cell, ProbeOptions
+from harness.fit.cuda_memory import CudaTerms
 from harness.fit.memory_model import STAGES, MemoryModel, Setup
 from harness.train.child_job import run_training, synthetic_train_args
 
@@ -42,7 +43,8 @@ def probe_args(cell: Cell, batch: int, how: str, run_dir: Path, args: ProbeOptio
     out += [
         "--max-steps", str(args.steps), "--precision", cell.precision, "--attention", cell.attention,
         "--grad-checkpointing", str(cell.checkpointing), "checkpoint.every_steps=0",
-        "checkpoint.save_final=false", "eval.zeroshot_data=null", "train.track_memory=true"]
+        "checkpoint.save_final=false", "eval.zeroshot_data=null", "train.track_memory=true",
+        "train.oom_snapshot=true"]  # a GPU probe that runs out of memory leaves the allocator's snapshot
     if args.budget_gib is not None:
         out.append(f"train.memory_budget_gib={args.budget_gib}")
     if how == "emulated":  # one process as rank 0 of the cell's world
@@ -168,27 +170,32 @@ def _bounds(outcomes: Dict[int, Dict[str, Any]]) -> Tuple[Optional[int], Optiona
     return (max(fits) if fits else None), (min(fails) if fails else None)
 
 
-DEFAULT_CUDA_OVERHEAD_GIB = 1.0  # CUDA context + NCCL before any probe has measured them
-DEFAULT_ALLOCATOR_SLACK = 0.05  # reserved / allocated - 1 of the caching allocator before any measurement
+DEFAULT_CUDA_OVERHEAD_GIB = 1.0  # CUDA context + NCCL of a GPU the catalog does not know, before any probe
+DEFAULT_ALLOCATOR_SLACK = 0.05  # reserved / allocated - 1 of the caching allocator, likewise
 
 
-def usable_limit_bytes(limit_bytes: float, device_type: str, probes: List[Dict[str, Any]]) -> float:
+def usable_limit_bytes(limit_bytes: float, device_type: str, probes: List[Dict[str, Any]],
+                       terms: Optional[CudaTerms] = None) -> float:
     """What the memory model's prediction (peak *allocated* bytes) may reach on a device of ``limit_bytes``.
 
     A CPU's budget is the tracked tensor bytes themselves. A GPU holds more than PyTorch allocates: the CUDA
-    context and NCCL/cuBLAS buffers outside the caching allocator, and the allocator's reserved-but-unallocated
-    slack. Both are taken from the largest fitting probe measured so far (``cuda_overhead_gib``,
-    ``reserved_gib / peak_gib``), else defaults (1 GiB, 5%), so a cell fits against what a card of that size
-    leaves, not against its full memory.
+    context and NCCL buffers outside the caching allocator, its cuBLAS workspace, and the allocator's
+    reserved-but-unallocated slack. They are taken from the largest fitting probe measured so far
+    (``cuda_overhead_gib``, ``reserved_gib / peak_gib``), else from ``terms``, the published defaults of a catalog
+    GPU (:func:`harness.fit.cuda_memory.default_terms`: what ``harness plan`` uses, so a GPU cell's first probe is
+    the plan's batch), else 1 GiB and 5%.
     """
     if device_type != "cuda":
         return limit_bytes
     measured = [p for p in probes if p.get("outcome") == "fits" and p.get("peak_gib") and p.get("reserved_gib")
                 and p.get("cuda_overhead_gib") is not None]
-    if not measured:
-        return (limit_bytes - DEFAULT_CUDA_OVERHEAD_GIB * GIB) / (1 + DEFAULT_ALLOCATOR_SLACK)
-    best = max(measured, key=lambda p: p["peak_gib"])
-    return (limit_bytes - best["cuda_overhead_gib"] * GIB) * best["peak_gib"] / best["reserved_gib"]
+    if measured:
+        best = max(measured, key=lambda p: p["peak_gib"])
+        return (limit_bytes - best["cuda_overhead_gib"] * GIB) * best["peak_gib"] / best["reserved_gib"]
+    if terms is not None:
+        room = limit_bytes - terms.context - terms.nccl
+        return min(room / (1 + terms.slack), room - terms.min_slack) - terms.cublas_workspace
+    return (limit_bytes - DEFAULT_CUDA_OVERHEAD_GIB * GIB) / (1 + DEFAULT_ALLOCATOR_SLACK)
 
 
 def calibrate(model: MemoryModel, cell: Cell, probe_record: Dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ the data-wait fraction with warm-up steps excluded. Added per model:
 * forward GFLOPs of the image tower (fvcore with attention counted, :mod:`harness.tools.flops`; GFLOPs =
   2 x GMACs) and of the text tower;
 * MFU = training model FLOPs per second / the device's dense peak (3 x forward FLOPs of both towers
-  per sample, no recompute counted), from :data:`PEAK_TFLOPS` keyed by device name; unknown devices
+  per sample, no recompute counted), from the GPU catalog (:mod:`harness.distributed.gpu_catalog`); unknown devices
   (any CPU) get no MFU and say so;
 * a memory breakdown (parameters, gradients, optimizer state, activations saved for backward),
   measured on the tensors of one real single-process AdamW step at the same micro batch and precision;
@@ -30,26 +30,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from harness.core.errors import ExitCode, refuse
+from harness.distributed.gpu_catalog import peak_tflops
 from harness.train.child_job import run_training, synthetic_train_args
-
-# Dense peak TFLOP/s by device-name substring and precision (vendor data sheets; fp32 = TF32 tensor cores
-# where the device has them, as PyTorch uses them for fp32 matmuls only when allowed).
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
-    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
-    "V100": {"fp16": 125.0, "fp32": 15.7},
-}
-
-
-def peak_tflops(device_name: str, precision: str) -> Optional[float]:
-    """Dense peak TFLOP/s of ``device_name`` at ``precision``, or None when unknown (e.g. a CPU)."""
-    for key, table in PEAK_TFLOPS.items():
-        if key.lower() in device_name.lower():
-            return table.get(precision)
-    return None
 
 
 def memory_breakdown(name: str, micro_batch_size: int, precision: str = "fp32") -> Dict[str, float]:

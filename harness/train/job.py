@@ -31,7 +31,9 @@ from harness.distributed.hardware import (
     check_device_support,
     check_machine,
     configure_device_math,
+    dump_oom_snapshot,
     is_out_of_memory,
+    record_allocations,
 )
 from harness.distributed.launch import abort, detect_launch, init_distributed, select_device, shutdown
 from harness.train.trainer import RunContext, Trainer
@@ -198,6 +200,7 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
     configure_device_math(cfg, device)
     rank, world = init_distributed(launch, device, cfg.train.emulate_world_size, cfg.train.dist_timeout_s)
     overhead = apply_memory_budget(cfg, device)
+    recording = record_allocations(cfg, device)
     mem = memory_tracker(cfg, device, rank)
     supervisor = RunSupervisor(cfg.train, cfg.run_dir, rank)  # stop signals and the hang watchdog
     ctx = RunContext(cfg, layout, launch, device, rank, world, total_samples, resume_from, mem, overhead, supervisor)
@@ -212,7 +215,11 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
         # the aborted process group, and the launcher stops the other ranks
         e = data_worker_error(e) or e  # a dead DataLoader worker, named with its shards
         if is_out_of_memory(e):
-            write_status(cfg.run_dir, rank, "oom", str(e).strip().splitlines()[0][:500])
+            snapshot = dump_oom_snapshot(cfg.run_dir, rank) if recording else None
+            note = f" (allocator snapshot: {snapshot})" if snapshot else ""
+            write_status(cfg.run_dir, rank, "oom", str(e).strip().splitlines()[0][:500] + note)
+            if snapshot:
+                log.error("out of memory on rank %d; allocator snapshot written to %s", rank, snapshot)
         else:
             write_status(cfg.run_dir, rank, "error", f"{type(e).__name__}: {str(e).strip()[:500]}")
         abort()
