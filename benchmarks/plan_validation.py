@@ -113,16 +113,11 @@ def compare(entry: Dict[str, Any], row: Dict[str, Any]) -> Dict[str, Any]:
     """Predicted value, error and verdict of one published figure."""
     kind, value = entry["kind"], entry["value"]
     out: Dict[str, Any] = {"predicted_max_micro_batch": row["max_micro_batch"]}
-    if kind == "allocated_gb":
+    if kind in ("allocated_gb", "device_gb"):  # the source's "GB" may be 10^9 or 2^30 bytes: both errors
         b = row["breakdown_gib"]
-        allocated = row["peak_gib"] - b["cuda_context_nccl"] - b["allocator_slack"]
-        out.update(predicted=allocated, unit="GiB allocated",
-                   error_if_gb=(allocated * GIB / 1e9 - value) / value, error_if_gib=(allocated - value) / value)
-        out["met"] = abs(out["error_if_gb"]) <= 0.10 or abs(out["error_if_gib"]) <= 0.10
-    elif kind == "device_gb":
-        out.update(predicted=row["peak_gib"], unit="GiB on the device",
-                   error_if_gb=(row["peak_gib"] * GIB / 1e9 - value) / value,
-                   error_if_gib=(row["peak_gib"] - value) / value)
+        gib = row["peak_gib"] - (b["cuda_context_nccl"] + b["allocator_slack"] if kind == "allocated_gb" else 0.0)
+        out.update(predicted=gib, unit="GiB allocated" if kind == "allocated_gb" else "GiB on the device",
+                   error_if_gb=(gib * GIB / 1e9 - value) / value, error_if_gib=(gib - value) / value)
         out["met"] = abs(out["error_if_gb"]) <= 0.10 or abs(out["error_if_gib"]) <= 0.10
     elif kind == "fits":
         out.update(predicted=row["fits"], met=bool(row["fits"]))

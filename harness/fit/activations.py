@@ -130,18 +130,26 @@ def cache_file(kind: str, *key: str) -> Path:
     return cache_dir() / kind / f"{name}.json"
 
 
-def _cached(path: Path) -> Optional[dict]:
+def read_cache(path: Path) -> Optional[dict]:
+    """A cached measurement, or None when it is absent or damaged (then it is measured again)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # absent or damaged: measured again
+        return None
 
 
-def _store(path: Path, data: dict) -> None:
+def write_cache(path: Path, data: dict) -> None:
+    """Write a measurement to the cache through a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)  # a reader sees the old file or the whole new one
+
+
+def profile_key(precision: str, attention: str) -> Tuple[str, str]:
+    """What a profile depends on of a precision and an attention backend: ``("fp32" | "bf16", "math" | "sdpa")``
+    (fp16 has bf16's element sizes; every fused kernel saves what the CPU's SDPA kernel saves)."""
+    return ("fp32" if precision == "fp32" else "bf16", "math" if attention == "math" else "sdpa")
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,14 +160,14 @@ def activation_profile(name: str, precision: str, attention: str) -> ActivationP
     flash kernel, which keeps ``O(s)``, as CUDA's flash / memory-efficient / cuDNN kernels do: the output and an
     fp32 log-sum-exp). Costs one forward of the model at batch 1 and 2 on the CPU the first time; then read from
     :func:`cache_dir` (keyed on model, precision, attention kind and torch version)."""
-    key = (name, "fp32" if precision == "fp32" else "bf16", "math" if attention == "math" else "sdpa")
+    key = (name, *profile_key(precision, attention))
     path = cache_file("activations", *key)
-    data = _cached(path)
+    data = read_cache(path)
     if data is not None:
         blocks = {t: tuple(BlockActivations(**b) for b in bl) for t, bl in data["blocks"].items()}
         return ActivationProfile(blocks, data["outside"], data["inputs"])
     prof = _measure_profile(*key)
-    _store(path, dataclasses.asdict(prof))
+    write_cache(path, dataclasses.asdict(prof))
     return prof
 
 

@@ -72,6 +72,16 @@ class CudaTerms:
         """What ``nvidia-smi`` shows at an allocated peak (memory-model tensors plus the cuBLAS workspace)."""
         return allocated + self.slack_bytes(allocated) + self.context + self.nccl
 
+    def usable_bytes(self, limit_bytes: float) -> float:
+        """The largest memory-model peak (tensors, without the cuBLAS workspace) whose :meth:`device_bytes`, the
+        workspace added, stays within ``limit_bytes``."""
+        room = limit_bytes - self.context - self.nccl
+        return min(room / (1 + self.slack), room - self.min_slack) - self.cublas_workspace
+
+
+UNKNOWN_GPU = CudaTerms(0.0, 1.0 * GIB, 0.0, ALLOCATOR_SLACK, 0.0, source="defaults of a GPU the catalog lacks")
+"""A GPU not in the catalog, before any probe: 1 GiB of context and NCCL, 5% allocator slack."""
+
 
 def default_terms(gpu: GPU, world: int, stage: str) -> CudaTerms:
     """The published defaults of the module docstring for ``gpu`` at ``world`` ranks under ``stage``."""
@@ -84,15 +94,15 @@ def default_terms(gpu: GPU, world: int, stage: str) -> CudaTerms:
 
 def calibrated_terms(terms: CudaTerms, probes: List[Dict[str, Any]], store: str) -> CudaTerms:
     """``terms`` with the context + NCCL bytes and the allocator slack measured by the largest fitting probe of the
-    same GPU in a fit store (``cuda_overhead_gib``: device memory in use beyond what PyTorch reserved;
-    ``reserved_gib / peak_gib``), as :func:`harness.fit.search.usable_limit_bytes` uses them; ``terms`` unchanged
-    when no probe measured them."""
+    same GPU (``cuda_overhead_gib``: device memory in use beyond what PyTorch reserved; ``reserved_gib /
+    peak_gib``); ``terms`` unchanged when no probe measured them. The cuBLAS workspace is then 0: a measured peak
+    (``max_memory_allocated``) holds it, and the memory model calibrated on such peaks already counts it."""
     measured = [p for p in probes if p.get("outcome") == "fits" and p.get("peak_gib") and p.get("reserved_gib")
                 and p.get("cuda_overhead_gib") is not None]
     if not measured:
         return terms
     best = max(measured, key=lambda p: p["peak_gib"])
-    return CudaTerms(terms.cublas_workspace, best["cuda_overhead_gib"] * GIB, 0.0,
+    return CudaTerms(0.0, best["cuda_overhead_gib"] * GIB, 0.0,
                      best["reserved_gib"] / best["peak_gib"] - 1.0, 0.0, source=store)
 
 

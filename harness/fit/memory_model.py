@@ -266,18 +266,17 @@ class MemoryModel:
             out["step_extra"] = 2 * 4.0 * shape.largest_param / (s.world if s.stage.startswith("fsdp") else 1)
         return out
 
-    def _forward_parts(self, model: str, s: Setup, batch: int) -> Tuple[float, List[Tuple[float, float]]]:
+    def forward_parts(self, model: str, s: Setup, batch: int) -> Tuple[float, List[Tuple[float, Dict[str, float]]]]:
         """``(constant, points)`` of the forward/backward branch, uncalibrated: the states without the gradients
         (freed by the previous step's ``zero_grad``, allocated again during backward), and per point where the
-        peak can come (:func:`backward_points`) the ``(unscaled, activation)`` bytes above them, the loss's
-        buffers at the start of backward."""
+        peak can come (:func:`backward_points`) the ``(unscaled, {tower: activation})`` bytes above them, the
+        loss's buffers at the start of backward."""
         shape = model_shape(model)
         c = state_bytes(shape, s, self.device_type)
         const = sum(c.values()) - c.get("grads", 0.0) + autocast_weight_bytes(shape, s)
         micro = s.rows_cols(batch)[0]
         grad_per_param = c.get("grads", 0.0) / shape.params
         pts = backward_points(shape, activation_profile(model, s.precision, s.attention), s, micro, grad_per_param)
-        pts = [(u, sum(a.values())) for u, a in pts]
         pts[0] = (loss_bytes(s, shape.embed_dim, batch), pts[0][1])
         return const, pts
 
@@ -289,9 +288,9 @@ class MemoryModel:
     def forward_peak(self, model: str, s: Setup, batch: int, calibrated: bool = True) -> float:
         """The forward/backward branch of the peak: the states without gradients, plus the largest over the
         points of :func:`backward_points` of the analytic part and the calibrated activations."""
-        const, pts = self._forward_parts(model, s, batch)
+        const, pts = self.forward_parts(model, s, batch)
         alpha, beta = self.calibration(model, s) if calibrated else (1.0, 0.0)
-        return const + beta + max(u + alpha * a for u, a in pts)
+        return const + beta + max(u + alpha * sum(a.values()) for u, a in pts)
 
     def step_peak(self, model: str, s: Setup) -> float:
         """The optimizer-step branch of the peak (all states and the step's temporaries), batch-independent."""
@@ -357,8 +356,8 @@ class MemoryModel:
         for model, s, batch, peak in self.points:
             if self.family(model, s) != fam:
                 continue
-            const, pts = self._forward_parts(model, s, batch)
-            u, acts = max(pts, key=lambda p: p[0] + p[1])  # the analytic peak's point
+            const, pts = self.forward_parts(model, s, batch)
+            u, acts = max(((u, sum(a.values())) for u, a in pts), key=sum)  # the analytic peak's point
             if self.is_forward_dominated(model, s, peak) and acts > 0:
                 by_setup.setdefault(s, []).append((acts, peak - const - u))
         if not by_setup:

@@ -25,10 +25,10 @@ from typing import Any, Dict, List, Optional
 from harness.core.errors import ConfigError, ExitCode, refuse
 from harness.core.units import FLOPS_PER_MAC, GIB
 from harness.distributed.gpu_catalog import GPU, find_gpu, gpu_of_device
-from harness.fit.activations import _cached, _store, activation_profile, cache_file
+from harness.fit.activations import activation_profile, cache_file, profile_key, read_cache, write_cache
 from harness.fit.cells import Cell, ProbeInputError, add_cell_arguments, build_cells
 from harness.fit.cuda_memory import CudaTerms, breakdown_gib, calibrated_terms, default_terms
-from harness.fit.memory_model import MemoryModel, autocast_weight_bytes, backward_points, loss_bytes, state_bytes
+from harness.fit.memory_model import MemoryModel, autocast_weight_bytes, state_bytes
 from harness.fit.model_shape import model_shape
 from harness.fit.step_time import EFFICIENCY, StepTime, predict_step
 
@@ -83,13 +83,13 @@ def forward_gflops(name: str) -> Dict[str, float]:
     """Forward GFLOPs per sample of ``name``'s towers (``{"image", "text"}``; 2 x fvcore's GMACs, attention
     counted), measured once and cached like the activation profiles."""
     path = cache_file("gflops", name)
-    data = _cached(path)
+    data = read_cache(path)
     if data is None:
         from harness.tools.flops import model_gmacs
 
         g = model_gmacs(name)
         data = {"image": FLOPS_PER_MAC * g["image_gmacs"], "text": FLOPS_PER_MAC * g["text_gmacs"]}
-        _store(path, data)
+        write_cache(path, data)
     return data
 
 
@@ -111,8 +111,9 @@ def measure_uncached(cells: List[Cell]) -> None:
 
     need: Dict[str, set] = {}
     for c in cells:
-        key = ("fp32" if c.precision == "fp32" else "bf16", "math" if c.attention == "math" else "sdpa")
-        if _cached(cache_file("activations", c.model, *key)) is None or _cached(cache_file("gflops", c.model)) is None:
+        key = profile_key(c.precision, c.attention)
+        paths = (cache_file("activations", c.model, *key), cache_file("gflops", c.model))
+        if any(read_cache(path) is None for path in paths):
             need.setdefault(c.model, set()).add(key)
     big = [m for m in need if not models.get_spec(m).tiny]
     for m in need:
@@ -188,13 +189,9 @@ class Device:
 
     def max_batch(self, cell: Cell, g: int, cap: int) -> int:
         """Largest multiple of ``g`` (at most ``cap``) whose predicted peak stays under the limit; 0 if none."""
-        if self.peak_bytes(cell, g) > self.limit_bytes:
-            return 0
-        lo, hi = 1, max(cap // g, 1)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.peak_bytes(cell, mid * g) <= self.limit_bytes else (lo, mid - 1)
-        return lo * g
+        terms = self.terms(cell)
+        limit = self.limit_bytes if terms is None else terms.usable_bytes(self.limit_bytes)
+        return self.model.max_batch(cell.model, cell.setup(), limit, g, cap)
 
 
 # --------------------------------------------------------------------------- one row
@@ -213,14 +210,10 @@ def breakdown(device: Device, cell: Cell, batch: int) -> Dict[str, float]:
              "optimizer_step_temporaries": 0.0, "activations_image": 0.0, "activations_text": 0.0,
              "contrastive_loss": 0.0, "calibration_offset": 0.0}
     if mm.forward_peak(model, s, batch) >= mm.step_peak(model, s):
+        _, pts = mm.forward_parts(model, s, batch)
         alpha, beta = mm.calibration(model, s)
-        grad_per_param = states.get("grads", 0.0) / shape.params
-        pts = backward_points(shape, activation_profile(model, s.precision, s.attention), s, s.rows_cols(batch)[0],
-                              grad_per_param)
-        loss = loss_bytes(s, shape.embed_dim, batch)
-        i, (u, acts) = max(enumerate(pts),
-                           key=lambda p: (loss if p[0] == 0 else p[1][0]) + alpha * sum(p[1][1].values()))
-        parts.update(gradients=0.0 if i == 0 else u, contrastive_loss=loss if i == 0 else 0.0,
+        i, (u, acts) = max(enumerate(pts), key=lambda p: p[1][0] + alpha * sum(p[1][1].values()))
+        parts.update(gradients=0.0 if i == 0 else u, contrastive_loss=u if i == 0 else 0.0,
                      autocast_weight_copies=autocast_weight_bytes(shape, s), calibration_offset=beta,
                      activations_image=alpha * acts["image"], activations_text=alpha * acts["text"])
     else:

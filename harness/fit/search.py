@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from harness.core.paths import REPO_ROOT
 from harness.core.units import GIB
 from harness.fit.cells import FAILURES, TERMINAL, Cell, ProbeOptions
-from harness.fit.cuda_memory import CudaTerms
+from harness.fit.cuda_memory import UNKNOWN_GPU, CudaTerms, calibrated_terms
 from harness.fit.memory_model import STAGES, MemoryModel, Setup
 from harness.train.child_job import run_training, synthetic_train_args
 
@@ -170,10 +170,6 @@ def _bounds(outcomes: Dict[int, Dict[str, Any]]) -> Tuple[Optional[int], Optiona
     return (max(fits) if fits else None), (min(fails) if fails else None)
 
 
-DEFAULT_CUDA_OVERHEAD_GIB = 1.0  # CUDA context + NCCL of a GPU the catalog does not know, before any probe
-DEFAULT_ALLOCATOR_SLACK = 0.05  # reserved / allocated - 1 of the caching allocator, likewise
-
-
 def usable_limit_bytes(limit_bytes: float, device_type: str, probes: List[Dict[str, Any]],
                        terms: Optional[CudaTerms] = None) -> float:
     """What the memory model's prediction (peak *allocated* bytes) may reach on a device of ``limit_bytes``.
@@ -181,21 +177,13 @@ def usable_limit_bytes(limit_bytes: float, device_type: str, probes: List[Dict[s
     A CPU's budget is the tracked tensor bytes themselves. A GPU holds more than PyTorch allocates: the CUDA
     context and NCCL buffers outside the caching allocator, its cuBLAS workspace, and the allocator's
     reserved-but-unallocated slack. They are taken from the largest fitting probe measured so far
-    (``cuda_overhead_gib``, ``reserved_gib / peak_gib``), else from ``terms``, the published defaults of a catalog
+    (:func:`harness.fit.cuda_memory.calibrated_terms`), else from ``terms``, the published defaults of a catalog
     GPU (:func:`harness.fit.cuda_memory.default_terms`: what ``harness plan`` uses, so a GPU cell's first probe is
-    the plan's batch), else 1 GiB and 5%.
+    the plan's batch), else :data:`harness.fit.cuda_memory.UNKNOWN_GPU` (1 GiB, 5%).
     """
     if device_type != "cuda":
         return limit_bytes
-    measured = [p for p in probes if p.get("outcome") == "fits" and p.get("peak_gib") and p.get("reserved_gib")
-                and p.get("cuda_overhead_gib") is not None]
-    if measured:
-        best = max(measured, key=lambda p: p["peak_gib"])
-        return (limit_bytes - best["cuda_overhead_gib"] * GIB) * best["peak_gib"] / best["reserved_gib"]
-    if terms is not None:
-        room = limit_bytes - terms.context - terms.nccl
-        return min(room / (1 + terms.slack), room - terms.min_slack) - terms.cublas_workspace
-    return (limit_bytes - DEFAULT_CUDA_OVERHEAD_GIB * GIB) / (1 + DEFAULT_ALLOCATOR_SLACK)
+    return calibrated_terms(terms or UNKNOWN_GPU, probes, "this sweep").usable_bytes(limit_bytes)
 
 
 def calibrate(model: MemoryModel, cell: Cell, probe_record: Dict[str, Any]) -> None:
