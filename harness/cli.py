@@ -207,6 +207,8 @@ COMMANDS = {
                          _module_main("harness.fit.probe")),
     "plan": Command("predict the fit table, step time, MFU and cost on a named GPU and cluster shape, without it",
                     _module_main("harness.fit.plan")),
+    "ablate": Command("train every combination of config knobs with several seeds: one table and one plot",
+                      _module_main("harness.tools.ablate")),
     "profile": Command("per-model step time / memory / GFLOPs / MFU report", _module_main("harness.tools.profile")),
     "boundaries": Command("draw a DTP-ViT checkpoint's learned segments over images",
                           _module_main("harness.tools.boundaries")),

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
+from models.decatt import decatt_loss
+
 AttentionBackend = Literal["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "math", "flash_attn"]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
 # backends that cannot take an arbitrary (key-padding) mask on CUDA: DTP-ViT packs its segments for them
@@ -239,6 +241,7 @@ class SelfAttention(nn.Module):
         self.dropout = mha.dropout
         self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
         self.backend, self.causal = backend, causal
+        self.decatt, self.last_decatt = False, None  # DeCAtt (models.decatt.enable_decatt)
 
     def forward(self, q_x: torch.Tensor, k_x: Optional[torch.Tensor] = None, v_x: Optional[torch.Tensor] = None,
                 need_weights: bool = False, attn_mask: Optional[torch.Tensor] = None
@@ -255,6 +258,8 @@ class SelfAttention(nn.Module):
             mask = attn_mask == 0 if attn_mask.dtype != torch.bool else ~attn_mask  # additive / nn.MHA bool -> attend
         o = attention(q, k, v, self.backend, mask=mask, causal=self.causal,
                       dropout_p=self.dropout if self.training else 0.0)  # [B, H, N, d]
+        if self.decatt and self.training:
+            self.last_decatt = decatt_loss(o)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, D)), None
 
 
@@ -270,22 +275,27 @@ class TimmSelfAttention(TimmAttention):
     """
 
     backend: str = "sdpa"
+    decatt: bool = False  # DeCAtt on the unmasked (full-sequence) calls: models.decatt.enable_decatt
+    last_decatt: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if self.backend == "flash_attn":
-            return self._flash_forward(x, attn_mask, is_causal)
+        if self.backend == "flash_attn" or (self.decatt and self.training and attn_mask is None):
+            return self._explicit_forward(x, attn_mask, is_causal)
         ctx = _sdpa_kernel(self.backend) if self.backend in _FORCED_SDPA else contextlib.nullcontext()
         with ctx:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
-    def _flash_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    def _explicit_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        """timm's forward with the per-head outputs in hand: for ``flash_attn`` and for DeCAtt."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # [B, H, N, d]
-        o = attention(q, k, v, "flash_attn", mask=attn_mask, causal=is_causal, scale=self.scale,
+        o = attention(q, k, v, self.backend, mask=attn_mask, causal=is_causal, scale=self.scale,
                       dropout_p=self.attn_drop.p if self.training else 0.0)
+        if self.decatt and self.training and attn_mask is None:
+            self.last_decatt = decatt_loss(o)
         return self._out(o.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

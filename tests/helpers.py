@@ -27,9 +27,12 @@ STEPS = 60
 """Optimizer steps of the standard digits run (global batch 16): long enough that a signal or a kill sent at a
 step lands before the end."""
 
-REFERENCE_EXTRA = ("data.num_workers=1", "checkpoint.every_steps=10", "checkpoint.keep_last=10")
+REFERENCE_EXTRA = ("data.num_workers=1", "checkpoint.every_steps=10", "checkpoint.keep_last=10",
+                   "data.tokenizer=quadtree", "loss.decatt_weight=150")
 """Settings of the uninterrupted reference runs; a run compared with one passes the same trajectory-defining
-fields (``data.num_workers`` among them) and may choose its own checkpoint interval."""
+fields (``data.num_workers`` among them) and may choose its own checkpoint interval. The references train on
+quadtree mixed-resolution tokens (selected in the data worker) with DeCAtt on, so every ZeRO-2 / FSDP2 kill,
+preemption and resume test covers both knobs too; the grid ViT's sharded runs are :data:`SHARDED`'s."""
 SIGLIP = ("loss.kind=siglip", "loss.impl=tiled", "loss.tile_size=5")
 VALIDATE = ("eval.batch_size=10",)  # with data.val_data set by the fixture: 101 samples in forwards of 10
 LAYOUTS = {  # reference layout: (global batch, steps, micro batch of the 1-process reference, extra flags)

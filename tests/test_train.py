@@ -64,6 +64,8 @@ def test_zero2_two_processes_train_and_checkpoint_every_rank(reference_run):
     assert summary["world_size"] == 2 and summary["engine"] == "deepspeed" and summary["zero_stage"] == 2
     assert summary["grad_accum_steps"] == 1 and summary["contrastive_batch_size"] == 16
     assert summary["steps"] == STEPS and summary["zeroshot_top1"] is not None
+    logged = read_jsonl(run / "metrics.jsonl")  # the reference trains with DeCAtt (tests.helpers.REFERENCE_EXTRA)
+    assert all(m["decatt_loss"] > 0 for m in logged if "step" in m and "loss" in m)
     ckpt = complete_checkpoints(run / "checkpoints")[-1]
     assert sorted(p.name for p in (ckpt / "deepspeed").glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]

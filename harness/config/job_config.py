@@ -18,33 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, get_args
 
+from harness.config.checks import check_choice, check_fields
 from harness.config.layout import BatchLayout, batch_layout, launch_world_size
 from harness.core.errors import ConfigError
 from harness.data.shards import expand_shards
 from models.attention import AttentionBackend
+from models.mixed_res import model_quadtree_spec
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
 REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.report_to value -> the package it needs
-
-
-def _check(section: object, ok_when: dict) -> None:
-    """Raise :class:`ConfigError` for the first ``"field": (condition, requirement)`` whose condition is False."""
-    prefix = getattr(section, "SECTION", "")
-    for name, (ok, requirement) in ok_when.items():
-        if not ok:
-            raise ConfigError(f"{prefix}{name}: {requirement}, got {getattr(section, name)!r}")
-
-
-def check_choice(section: object, name: str) -> None:
-    """Raise :class:`ConfigError` when ``section.name`` is not one of its ``Literal`` type's choices."""
-    import typing
-
-    tp = typing.get_type_hints(type(section))[name]
-    choices = get_args(tp)
-    if typing.get_origin(tp) is Literal and getattr(section, name) not in choices:
-        raise ConfigError(f"{getattr(section, 'SECTION', '')}{name}: {getattr(section, name)!r} is not one of "
-                          f"{', '.join(map(str, choices))}")
 
 
 @dataclass
@@ -78,7 +61,7 @@ class ModelConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         check_choice(self, "attention")
-        _check(self, {"grad_checkpointing": (self.grad_checkpointing >= 0,
+        check_fields(self, {"grad_checkpointing": (self.grad_checkpointing >= 0,
                                              "must be >= 0 (0 off, k: every k-th block)")})
 
 
@@ -100,19 +83,30 @@ class DataConfig:
     prefetch_gib: float = 1.0
     """Decoded batches (uint8 images + tokens) one rank's DataLoader workers may hold ready, in GiB; sets the
     prefetch factor (1 to 4 batches per worker)."""
+    tokenizer: Literal["grid", "quadtree"] = "grid"
+    """Image tokens: ``grid`` (the ViT's patches) or ``quadtree`` (mixed-resolution tokens, Ronen et al. 2023: a
+    quadtree of patches of ``quadtree_levels`` sizes chosen in the data workers, :mod:`models.mixed_res`)."""
+    quadtree_tokens: int = 0
+    """``quadtree``: image tokens per image (fixed: static shapes); 0: half the grid's, rounded down to a count the
+    quadtree can reach (the coarsest grid + 3 per split)."""
+    quadtree_levels: int = 2
+    """``quadtree``: patch sizes ``p, 2p, ..., 2^(levels-1) p`` (``p`` the model's patch size)."""
     val_data: Optional[str] = None
     """Validation shards in the training layout (folder, brace pattern, glob, ``.tar``, ``::``-joined): contrastive
     validation loss and image/text retrieval recall@1/5/10 (open_clip's ``evaluate``) at the end and every
     ``eval.val_every_steps``; ``null``: none."""
 
     def __post_init__(self):
-        _check(self, {
+        check_fields(self, {
             "train_num_samples": (self.train_num_samples is None or self.train_num_samples >= 1,
                                   "must be a positive integer"),
             "shuffle_buffer": (self.shuffle_buffer >= 0, "must be >= 0"),
             "num_workers": (self.num_workers >= 0, "must be >= 0"),
             "prefetch_gib": (self.prefetch_gib > 0, "must be > 0"),
+            "quadtree_tokens": (self.quadtree_tokens >= 0, "must be >= 0 (0: half the grid)"),
+            "quadtree_levels": (self.quadtree_levels >= 1, "must be >= 1"),
         })
+        check_choice(self, "tokenizer")
 
 
 @dataclass
@@ -158,7 +152,7 @@ class TrainConfig:
     timing_warmup_steps: int = 5
     """Steps excluded from ``avg_step_time_s`` and ``samples_per_s`` as warm-up."""
     progress_bar: bool = True
-    """Show a tqdm progress bar on rank 0."""
+    """Show progress on rank 0: a tqdm bar when stderr is a terminal, else one log line per log step (Slurm logs)."""
     tf32: bool = True
     """CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``,
     ``torch.backends.cudnn.allow_tf32``); no effect on a CPU."""
@@ -169,7 +163,6 @@ class TrainConfig:
     """Count host reads of device values (``.item()`` and the like: host-device synchronisations on a GPU) in
     each optimizer step and its log (data loading excluded), written as ``host_syncs_by_step`` in
     ``summary.json``; only log steps should have any. A debugging aid: it slows every op a little."""
-    """Show progress on rank 0: a tqdm bar when stderr is a terminal, else one log line per log step (Slurm logs)."""
     report_to: List[str] = field(default_factory=list)
     """Also send the logged scalars to: ``tensorboard`` (event files in ``<run_dir>/tensorboard``), ``wandb``
     (Weights & Biases, when installed); comma-separated, empty for none (``metrics.jsonl`` is always written)."""
@@ -208,7 +201,7 @@ class TrainConfig:
         check_choice(self, "precision")
         check_choice(self, "fsdp_reduce_dtype")
         positive = "must be a positive integer"
-        _check(self, {
+        check_fields(self, {
             "micro_batch_size": (self.micro_batch_size >= 1, positive),
             "global_batch_size": (self.global_batch_size is None or self.global_batch_size >= 1, positive),
             "train_samples": (self.train_samples is None or self.train_samples >= 1, positive),
@@ -256,7 +249,7 @@ class OptimConfig:
     on every parameter's step counter) nor of the fp16 overflow flag."""
 
     def __post_init__(self):
-        _check(self, {
+        check_fields(self, {
             "lr": (self.lr > 0, "must be > 0"),
             "warmup_samples": (self.warmup_samples >= 0, "must be >= 0"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
@@ -276,11 +269,13 @@ class LossConfig:
     (:mod:`harness.train.losses`)."""
     tile_size: int = 1024
     """``tiled``: columns (gathered samples) per tile of the logits."""
+    decatt_weight: float = 0.0
+    """DeCAtt (:mod:`models.decatt`): weight of the image tower's head-decorrelation loss (``decatt_loss``); 0 off."""
 
     def __post_init__(self):
         check_choice(self, "kind")
         check_choice(self, "impl")
-        _check(self, {"tile_size": (self.tile_size >= 1, "must be a positive integer (columns per tile)")})
+        check_fields(self, {"tile_size": (self.tile_size >= 1, "must be a positive integer (columns per tile)")})
 
 
 @dataclass
@@ -300,7 +295,7 @@ class CheckpointConfig:
     without evaluating; the Slurm template creates it before the time limit and requeues the job."""
 
     def __post_init__(self):
-        _check(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
+        check_fields(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
                       "keep_last": (self.keep_last >= 1, "must be >= 1")})
 
 
@@ -319,7 +314,7 @@ class EvalConfig:
     """Also compute the validation metrics (``data.val_data``) every this many steps (0: only at the end)."""
 
     def __post_init__(self):
-        _check(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
+        check_fields(self, {"every_steps": (self.every_steps >= 0, "must be >= 0"),
                       "batch_size": (self.batch_size >= 1, "must be >= 1"),
                       "val_every_steps": (self.val_every_steps >= 0, "must be >= 0")})
 
@@ -383,6 +378,11 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
         if importlib.util.find_spec(REPORT_TO[name]) is None:
             raise ConfigError(f"train.report_to: {name} is asked for but the {REPORT_TO[name]!r} package is not "
                               f"installed (pip install {REPORT_TO[name]}, or drop it from train.report_to)")
+    if d.tokenizer == "quadtree":
+        try:
+            model_quadtree_spec(cfg.model.name, d.quadtree_levels, d.quadtree_tokens)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if not check_paths:
         return layout
     if c.resume is not None and c.resume != "latest" and not Path(c.resume).is_dir():

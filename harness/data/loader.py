@@ -120,11 +120,15 @@ class ShardStream(IterableDataset):
         roles: data-parallel position of this process and its DataLoader workers (:class:`Roles`).
         sampling: seed, resampling and shuffle buffer (:class:`Sampling`).
         resume: ``{"roles": {local_role: state}, "batches": consumed batches}`` from a checkpoint.
+        image_tokens: uint8 ``[B, 3, H, W]`` -> ``[B, N]``, run in the worker on each batch and yielded as ``quad``
+            (``data.tokenizer=quadtree``: :class:`models.mixed_res.QuadtreeSelector`), or None.
     """
 
     def __init__(self, shards: List[str], batch_size: int, transform: Callable, tokenizer: Callable, roles: Roles,
-                 sampling: Sampling = Sampling(), resume: Optional[Dict[str, Any]] = None):
+                 sampling: Sampling = Sampling(), resume: Optional[Dict[str, Any]] = None,
+                 image_tokens: Optional[Callable] = None):
         super().__init__()
+        self.image_tokens = image_tokens
         self.shards = list(shards)
         self.batch_size = batch_size
         self.transform = transform
@@ -232,9 +236,12 @@ class ShardStream(IterableDataset):
                 images.append(decoded[0])
                 captions.append(decoded[1])
                 if len(images) == self.batch_size:
-                    yield {"image": torch.stack(images), "text": self.tokenizer(captions), "role": role,
-                           "state": dict(state), "shard": sample.get("__url__"),
-                           "worker": (role - self.rotation) % self.roles_per_rank}
+                    batch = {"image": torch.stack(images), "text": self.tokenizer(captions), "role": role,
+                             "state": dict(state), "shard": sample.get("__url__"),
+                             "worker": (role - self.rotation) % self.roles_per_rank}
+                    if self.image_tokens is not None:
+                        batch["quad"] = self.image_tokens(batch["image"])
+                    yield batch
                     images, captions = [], []
             if good_in_epoch == 0 and skip == 0:
                 shards = self._epoch_shards(epoch, global_role)[0]
@@ -281,6 +288,17 @@ def prefetch_factor(data_cfg, micro_batch_size: int, image_size: int, context_le
     return max(1, min(4, int(budget // (batch_bytes * max(1, data_cfg.num_workers)))))
 
 
+def image_tokens(data_cfg, model_name: str) -> Optional[Callable]:
+    """The workers' per-batch image tokenization for ``data.tokenizer`` (None for ``grid``)."""
+    import models
+    from models.mixed_res import QuadtreeSelector, model_quadtree_spec
+
+    if data_cfg.tokenizer == "grid":
+        return None
+    return QuadtreeSelector(model_quadtree_spec(model_name, data_cfg.quadtree_levels, data_cfg.quadtree_tokens),
+                            models.image_mean_std(model_name))
+
+
 def build_train_loader(data_cfg, model_name: str, layout, seed: int, rank: int, device: torch.device,
                        resume: Optional[Dict[str, Any]] = None) -> Iterable[Dict[str, Any]]:
     """The rank's endless stream of micro batches: :class:`harness.data.synthetic.SyntheticSource` on ``device`` for
@@ -309,7 +327,8 @@ def build_train_loader(data_cfg, model_name: str, layout, seed: int, rank: int, 
     ds = ShardStream(expand_shards(data_cfg.train_data), micro,
                      models.image_transform(model_name, is_train=True, uint8=True), models.get_tokenizer(model_name),
                      Roles(rank, layout.world_size, data_cfg.num_workers),
-                     Sampling(seed, data_cfg.resampled, data_cfg.shuffle_buffer), resume)
+                     Sampling(seed, data_cfg.resampled, data_cfg.shuffle_buffer), resume,
+                     image_tokens(data_cfg, model_name))
     kwargs: Dict[str, Any] = {"pin_memory": device.type == "cuda"}
     if data_cfg.num_workers > 0:
         kwargs.update(num_workers=data_cfg.num_workers, worker_init_fn=worker_init, persistent_workers=True,

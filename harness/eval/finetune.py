@@ -19,6 +19,7 @@ from torch import nn
 
 from harness.components.lr_schedule import build_scheduler
 from harness.engines.common import param_groups
+from models.decatt import extra_losses as tower_extra_losses
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ImageClassifier(nn.Module):
         return self.head(self.visual(image))
 
     def extra_losses(self) -> Dict[str, torch.Tensor]:
-        return self.visual.extra_losses() if hasattr(self.visual, "extra_losses") else {}
+        return tower_extra_losses(self.visual)
 
 
 def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int = 5) -> Tuple[int, int]:

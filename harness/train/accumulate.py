@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 import models
+from models.decatt import extra_losses as tower_extra_losses
 
 RngState = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -45,12 +46,16 @@ def set_rng_state(state: RngState, device: torch.device) -> None:
 
 
 def model_inputs(batch: Mapping[str, Any], device: torch.device, image_stats: Tuple[Any, Any]
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 ) -> Tuple[Any, torch.Tensor]:
     """A micro batch on ``device``: images ``[B, 3, H, W]`` (uint8 from pinned memory normalised there with
-    :func:`models.normalize_uint8` and ``image_stats``), tokens ``[B, L]``."""
+    :func:`models.normalize_uint8` and ``image_stats``), tokens ``[B, L]``. With the data workers' quadtree
+    selection (``quad [B, N]``, ``data.tokenizer=quadtree``) the image input is ``(images, quad)``
+    (:mod:`models.mixed_res`)."""
     image = batch["image"].to(device, non_blocking=True)
     if image.dtype == torch.uint8:
         image = models.normalize_uint8(image, *image_stats)
+    if "quad" in batch:
+        image = (image, batch["quad"].to(device, non_blocking=True))
     return image, batch["text"].to(device, non_blocking=True)
 
 
@@ -116,7 +121,7 @@ class NegativesAccumulation:
         set_rng_state(after, self.device)  # the stream goes on from where pass 1 left it
         return True
 
-    def _inputs(self, batch: Mapping[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, batch: Mapping[str, Any]) -> Tuple[Any, torch.Tensor]:
         return model_inputs(batch, self.device, self.image_stats)  # normalised per pass: never K float copies
 
     def _cache(self, batches):
@@ -158,6 +163,6 @@ class NegativesAccumulation:
         if bias is not None:
             share = share + (bias * g_bias).sum()
         visual = self.engine.module.visual
-        extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
+        extras = tower_extra_losses(visual)
         self.engine.backward(share + sum(v.float() for v in extras.values()) if extras else share)
         return tower_report(visual, extras)

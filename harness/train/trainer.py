@@ -44,6 +44,9 @@ from harness.eval.validation import validate_clip
 from harness.eval.zeroshot import zeroshot_eval
 from harness.train.accumulate import NegativesAccumulation, loss_heads, model_inputs, tower_report
 from harness.train.losses import build_loss
+from models.decatt import enable_decatt
+from models.decatt import extra_losses as tower_extra_losses
+from models.mixed_res import apply_mixed_resolution, model_quadtree_spec
 from models.pretrained import describe_lock, load_pretrained, lock_towers
 
 log = logging.getLogger("harness")
@@ -102,6 +105,10 @@ class Trainer:
         if cfg.model.pretrained and ctx.resume_from is None:  # a resume restores every weight from its checkpoint
             for line in load_pretrained(model, cfg.model.pretrained).lines():
                 log.info(line)
+        enable_decatt(model.visual, cfg.loss.decatt_weight)
+        if cfg.data.tokenizer == "quadtree":
+            apply_mixed_resolution(model.visual, model_quadtree_spec(cfg.model.name, cfg.data.quadtree_levels,
+                                                                     cfg.data.quadtree_tokens))
         locked = describe_lock(lock_towers(model, cfg.model.lock_image, cfg.model.lock_text))
         if locked:
             log.info(locked)
@@ -224,7 +231,7 @@ class Trainer:
         scale, bias = loss_heads(out)
         loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), scale, bias)
         visual = self.engine.module.visual
-        extras = visual.extra_losses() if hasattr(visual, "extra_losses") else {}
+        extras = tower_extra_losses(visual)
         total = loss + sum(v.float() for v in extras.values()) if extras else loss
         self.engine.backward(self.engine.guard.watch_loss(total, self.state.step + 1))  # NaN in, NaN grads
         report = {"loss": loss.detach(), "logit_scale": scale.detach().reshape(-1)[0]}
