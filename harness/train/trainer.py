@@ -361,6 +361,7 @@ class Trainer:
             "samples_seen": state.step * layout.global_batch_size, "total_train_samples": self.ctx.total_samples,
             "final_loss": state.last_loss,
             "zeroshot_top1": state.evals.get("zeroshot_top1"), "zeroshot_top5": state.evals.get("zeroshot_top5"),
+            "zeroshot_images_per_s": state.evals.get("zeroshot_images_per_s"),
             **state.validation,
             "avg_step_time_s": avg, "timing_warmup_steps_excluded": self.timer.excluded,
             "samples_per_s": layout.global_batch_size / avg if avg else None,
