@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LAUNCH := $(VENV)/bin/accelerate launch --config_file ds_configs/zero2.yaml
 
-.PHONY: install demo data lint test test-fast clean
+.PHONY: install demo data lint test test-fast test-matrix clean
 
 install: $(STAMP)
 
@@ -34,7 +34,11 @@ lint: install
 
 # the full suite (real multi-process runs on gloo included), the 25 slowest tests listed at the end
 test: lint
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q --durations=25 -m "not matrix" tests
+
+# the cases of the multi-process matrices that `make test` leaves out (marker `matrix`), a few minutes
+test-matrix: lint
+	$(PY) -m pytest -q -m matrix tests
 
 # the quick subset: everything not marked slow (single-process units), a few minutes on two cores
 test-fast: lint

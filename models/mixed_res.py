@@ -214,6 +214,9 @@ def model_quadtree_spec(name: str, levels: int, tokens: int = 0) -> QuadtreeSpec
     ``data.quadtree_tokens``). Raises ValueError as :func:`quadtree_spec`."""
     import models
 
+    if models.get_spec(name).family == "reduced":
+        raise ValueError(f"data.tokenizer: quadtree tokens need a plain ViT or DTP-ViT image tower; {name} reduces its "
+                         "tokens itself (ToMe / TokenLearner / DynamicViT): use data.tokenizer=grid")
     return quadtree_spec(models.image_size(name), models.architecture(name)["vision_cfg"]["patch_size"], levels, tokens)
 
 
@@ -266,7 +269,7 @@ def apply_mixed_resolution(visual, spec: QuadtreeSpec):
         visual.__class__ = MixedResDTPViT
         visual.num_patches = spec.tokens
         visual.max_segments = segment_bound(spec.tokens, visual.cfg.compression, visual.cfg.max_segments)
-    elif isinstance(visual, VisionTransformer):
+    elif type(visual) in (VisionTransformer, MixedResVisionTransformer):  # not a token reducer's subclass
         visual.__class__ = MixedResVisionTransformer
     else:
         raise ValueError(f"data.tokenizer: quadtree needs a ViT or DTP-ViT image tower, not {type(visual).__name__}")

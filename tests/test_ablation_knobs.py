@@ -141,6 +141,12 @@ def test_workers_selection_equals_the_towers_own_and_bad_budgets_are_refused():
     cfg = from_dict({"data": {"tokenizer": "quadtree", "quadtree_tokens": 8}, "train": {"train_samples": 64}})
     with pytest.raises(ConfigError, match=r"data.quadtree_tokens: 8 .* allowed: 4, 7, 10, 13, 16"):
         validate(cfg, world_size=1, check_paths=False)
+    reduced = from_dict({"model": {"name": "ViT-tiny-8-tome-r2"}, "data": {"tokenizer": "quadtree"},
+                         "train": {"train_samples": 64}})
+    with pytest.raises(ConfigError, match="data.tokenizer: quadtree tokens need a plain ViT or DTP-ViT"):
+        validate(reduced, world_size=1, check_paths=False)
+    with pytest.raises(ValueError, match="quadtree needs a ViT or DTP-ViT image tower"):
+        apply_mixed_resolution(models.create_model("ViT-tiny-8-tome-r2").visual, spec)
 
 
 def test_quadtree_dtp_vit_trains_a_step():

@@ -74,13 +74,21 @@ def test_compare_reducers_refuses_bad_input_before_running(tmp_path):
         assert result.returncode == 2 and field in result.stderr, (argv, result.stderr)
 
 
+def _engine_matrix():
+    """Every method under ZeRO-2 and FSDP2; ``make test`` runs two (DynamicViT's Gumbel noise under ZeRO-2,
+    TokenLearner's own parameters sharded by FSDP2), the other four are marked ``matrix`` (``make test-matrix``;
+    about 35 s each on one core), to keep the suite inside its 15 minutes."""
+    default = {("zero2.yaml", "ViT-tiny-8-dynamicvit-0.7"), ("fsdp.yaml", "ViT-tiny-8-tokenlearner-4-at2")}
+    return [pytest.param(c, n, marks=() if (c, n) in default else pytest.mark.matrix)
+            for c in ("zero2.yaml", "fsdp.yaml")
+            for n in ("ViT-tiny-8-dynamicvit-0.7", "ViT-tiny-8-tokenlearner-4-at2", "ViT-tiny-8-tome-r2")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config, name", [("zero2.yaml", "ViT-tiny-8-dynamicvit-0.7"),
-                                          ("fsdp.yaml", "ViT-tiny-8-tokenlearner-4-at2")])
+@pytest.mark.parametrize("config, name", _engine_matrix())
 def test_two_processes_train_and_resume_bit_for_bit(tmp_path, digits_dir, config, name):
-    """A 2-process run of a reduced tower (DynamicViT: Gumbel noise per rank and step; TokenLearner: parameters of
-    its own, sharded) checkpoints at step 3; a copy of it resumed from there follows the uninterrupted run bit for
-    bit to step 6."""
+    """A 2-process run of a reduced tower checkpoints at step 3; a copy of it resumed from there follows the
+    uninterrupted run bit for bit to step 6."""
     args = ["--model", name, "checkpoint.every_steps=3", "checkpoint.keep_last=5"]
     accelerate_launch(config, digits_args(tmp_path, digits_dir, "full", *args, steps=6))
     full = tmp_path / "full"
