@@ -14,7 +14,7 @@ FLOPs, trained under one config and budget, in one table and one plot.
 2. **The runs**: the plain ViT, every DTP-ViT model and every matched setting, each with ``--seeds`` seeds, through
    ``harness ablate``'s runner (:mod:`harness.tools.ablate`: fresh ``train.py`` processes, ``--launch-config`` for
    ``accelerate launch`` on a GPU node; resumable; every config validated before the first run).
-3. **The table** (``compare.md`` / ``compare.json`` / ``compare.png`` in ``--out``): image-tower GMACs, the tokens
+3. **The table** (``compare.md`` / ``compare.json`` / ``compare.png`` in ``--out``): image-tower MACs, the tokens
    entering each image block (evaluation), train samples/s and zero-shot eval images/s, peak memory, zero-shot top-1
    and top-5 (mean +- std over seeds), and each row's top-1 gap (points) and train speed-up against the plain ViT.
 """
@@ -114,10 +114,11 @@ def write_outputs(rows: List[Dict[str, Any]], matches: List[Dict[str, Any]], rec
     aggregate` with ``model``, ``image_gmacs``, ``tokens_per_block`` and ``matches`` added."""
     base = rows[0]
     lines = [f"# DTP-ViT and token reducers at matched FLOPs\n\nCommand: `{command}`\n",
-             "Image GMACs: forward per image, fvcore with attention counted (DTP-ViT at nominal boundaries). "
+             "Image MACs: image-tower forward multiply-adds per image (M = 1e6, G = 1e9), fvcore with attention "
+             "counted (DTP-ViT at nominal boundaries). "
              "Speed-up: train samples/s against the plain ViT (row 0). Tokens: entering each image block at "
              "evaluation, class token included.\n",
-             "| row | model | matched to | image GMACs | tokens per block | seeds | train samples/s | speed-up "
+             "| row | model | matched to | image MACs | tokens per block | seeds | train samples/s | speed-up "
              "| eval images/s | peak GiB | zero-shot top-1 % | top-5 % | top-1 gap (pp) |", "|" + "---|" * 13]
     for r in rows:
         speed = r["samples_per_s"] / base["samples_per_s"] if r["samples_per_s"] and base["samples_per_s"] else None
@@ -125,7 +126,7 @@ def write_outputs(rows: List[Dict[str, Any]], matches: List[Dict[str, Any]], rec
         target = ", ".join(f"{m['dtp']} ({100 * m['relative_gap']:+.1f}%{'' if m['within'] else ', outside 5%'})"
                            for m in r["matches"]) or "-"
         cells = [str(r["row"]), r["model"], target, f"{1000 * r['image_gmacs']:.2f} M" if r["image_gmacs"] < 0.1
-                 else f"{r['image_gmacs']:.3f}", " ".join(map(str, r["tokens_per_block"])), str(r["seeds"]),
+                 else f"{r['image_gmacs']:.3f} G", " ".join(map(str, r["tokens_per_block"])), str(r["seeds"]),
                  _pm(r["samples_per_s"], r["samples_per_s_std"], 1, ".0f"), "n/a" if speed is None else f"{speed:.2f}x",
                  _pm(r["eval_images_per_s"], r["eval_images_per_s_std"], 1, ".0f"),
                  _pm(r["peak_gib"], r["peak_gib_std"], 1, ".2f"), _pm(r["top1"], r["top1_std"], 100),
