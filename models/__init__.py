@@ -207,8 +207,7 @@ def create_model(name: str, device: str = "cpu", attention: str = "sdpa", siglip
 
         red = reduction(name)
         model = create_model(red.base, device, attention, siglip)
-        with torch.device(device):
-            apply(model.visual, red)
+        apply(model.visual, red)  # new modules are made on the tower's own device
         return model
     init = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}  # open_clip's --siglip
     if spec.family == "dtp-vit":
@@ -282,18 +281,16 @@ def load_exported(path: str, device: str = "cpu", attention: str = "sdpa") -> nn
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: not a folder written by harness export")
     model_cfg = json.loads(config.read_text())["model_cfg"]
-    if "token_reduction" in model_cfg:  # our own tower on a registered ViT: built by name, weights loaded strictly
-        from models.reducers import model_name
-
-        red = dict(model_cfg["token_reduction"])
-        model = create_model(model_name(red.pop("base"), red.pop("method"), **red), device)
-        state = load_state_dict(str(weights), device=device)
-        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        model.load_state_dict(state, strict=True)
-    elif "dtp_cfg" not in model_cfg:
+    if "token_reduction" not in model_cfg and "dtp_cfg" not in model_cfg:
         model = open_clip.create_model(f"local-dir:{folder}", output_dict=True, device=device)
-    else:
-        model = dtp_from_config(model_cfg, device)
+    else:  # our own image tower: built here, the weights loaded strictly
+        if "token_reduction" in model_cfg:  # a registered ViT with a token reducer: built by the name it spells
+            from models.reducers import model_name
+
+            red = dict(model_cfg["token_reduction"])
+            model = create_model(model_name(red.pop("base"), red.pop("method"), **red), device)
+        else:
+            model = dtp_from_config(model_cfg, device)
         state = load_state_dict(str(weights), device=device)
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
         model.load_state_dict(state, strict=True)

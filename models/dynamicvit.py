@@ -216,7 +216,8 @@ class DynamicViTVisionTransformer(VisionTransformer):
         keep_ratio: ``rho``; stage ``s`` keeps ``rho**s`` of the initial patch tokens.
         ratio_weight: weight of the ratio loss in :meth:`extra_losses`.
         dynamicvit_stages: the block indices the stages run before (:func:`stage_blocks`).
-        tokens_per_block: tokens entering each block at evaluation, class token included (host ints).
+        tokens_per_block: tokens entering each block at evaluation, class token included (host ints);
+            :attr:`train_tokens_per_block` the same in training (all of them).
         last_stats: after each forward, detached fp32 0-dim device tensors (nothing is read on the host):
             ``tokens_last_block`` (tokens the last block works on, class token included; in training the batch mean
             of the kept tokens, as the dropped ones stay in the sequence) and ``keep_ratio_last`` (kept fraction
@@ -277,6 +278,12 @@ class DynamicViTVisionTransformer(VisionTransformer):
         self.last_stats = {"tokens_last_block": torch.full((), 1.0 + num_keep, **f32),
                            "keep_ratio_last": torch.full((), num_keep / n0, **f32)}
         return x, None
+
+    @property
+    def train_tokens_per_block(self) -> List[int]:
+        """Tokens entering each block in training: every token (dropped ones stay in the sequence, masked), class
+        token included; the memory model reads it (:mod:`harness.fit.model_shape`)."""
+        return [self.tokens_per_block[0]] * len(self.tokens_per_block)
 
     def _pool_kept(self, x: torch.Tensor, policy: Optional[torch.Tensor]):
         """open_clip's ``_pool``; with a training policy and ``pool_type="avg"`` the mean is over the kept patch

@@ -68,11 +68,10 @@ def model_shape(name: str) -> ModelShape:
     patches = (size // vis["patch_size"]) ** 2
     dtp = arch.get("dtp_cfg")
     lists = tower_block_lists(model)
-    # token-reduced ViTs (models.reducers): the tokens entering each image block in training; DynamicViT trains on
-    # every token (dropped ones are masked, not removed), ToMe and TokenLearner on their reduced counts
-    reduced = arch.get("token_reduction")
-    train_tokens = (getattr(model.visual, "tokens_per_block", None)
-                    if reduced and reduced["method"] != "dynamicvit" else None)
+    # a token-reducing image tower (models.reducers) says how many tokens enter each block in training:
+    # ``train_tokens_per_block`` where training differs from evaluation (DynamicViT masks, not removes), else
+    # ``tokens_per_block``
+    train_tokens = getattr(model.visual, "train_tokens_per_block", getattr(model.visual, "tokens_per_block", None))
     towers = {}
     for tower, block_lists in lists.items():
         if tower == "text":

@@ -181,7 +181,8 @@ def aggregate(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _pm(mean, std, scale: float = 1.0, spec: str = ".1f") -> str:
+def pm(mean, std, scale: float = 1.0, spec: str = ".1f") -> str:
+    """A table cell ``mean +- std`` (both times ``scale``, formatted by ``spec``), ``n/a`` without a mean."""
     return "n/a" if mean is None else f"{scale * mean:{spec}} +- {scale * std:{spec}}"
 
 
@@ -193,10 +194,10 @@ def write_outputs(rows: List[Dict[str, Any]], records: List[Dict[str, Any]], out
     for r in rows:
         gap = "n/a" if r["top1_gap_pp"] is None else f"{r['top1_gap_pp']:+.1f}"
         ratio = "n/a" if r["step_time_ratio"] is None else f"{r['step_time_ratio']:.2f}"
-        cells = [str(r["row"]), r["label"], f"{r['parameters']:,}", str(r["seeds"]), _pm(r["wall_s"], r["wall_s_std"]),
-                 _pm(r["step_s"], r["step_s_std"], 1000), _pm(r["samples_per_s"], r["samples_per_s_std"], 1, ".0f"),
-                 _pm(r["peak_gib"], r["peak_gib_std"], 1, ".2f"), _pm(r["top1"], r["top1_std"], 100),
-                 _pm(r["top5"], r["top5_std"], 100), gap, ratio]
+        cells = [str(r["row"]), r["label"], f"{r['parameters']:,}", str(r["seeds"]), pm(r["wall_s"], r["wall_s_std"]),
+                 pm(r["step_s"], r["step_s_std"], 1000), pm(r["samples_per_s"], r["samples_per_s_std"], 1, ".0f"),
+                 pm(r["peak_gib"], r["peak_gib_std"], 1, ".2f"), pm(r["top1"], r["top1_std"], 100),
+                 pm(r["top5"], r["top5_std"], 100), gap, ratio]
         lines.append("| " + " | ".join(cells) + " |")
     params = {r["parameters"] for r in rows if r["parameters"]}
     lines.append("\nParameters are equal in every row." if len(params) == 1 else

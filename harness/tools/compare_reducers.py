@@ -21,6 +21,7 @@ FLOPs, trained under one config and budget, in one table and one plot.
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import json
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from harness.core.errors import ConfigError, ExitCode, refuse
+from harness.tools import ablate
 
 TOLERANCE = 0.05
 METHODS = ("tome", "tokenlearner", "dynamicvit")
@@ -43,20 +45,15 @@ def image_gmacs(name: str) -> float:
 
 def _closest(candidates: Sequence[str], cost: Callable[[str], float], target: float) -> str:
     """The candidate of cost closest to ``target``; ``candidates`` in order of non-decreasing cost (bisected)."""
-    lo, hi = 0, len(candidates)
-    while lo < hi:  # first candidate costing >= target
-        mid = (lo + hi) // 2
-        if cost(candidates[mid]) < target:
-            lo = mid + 1
-        else:
-            hi = mid
-    near = [candidates[i] for i in (lo - 1, lo) if 0 <= i < len(candidates)]
+    first = bisect.bisect_left(candidates, target, key=cost)  # the first costing >= target
+    near = [candidates[i] for i in (first - 1, first) if 0 <= i < len(candidates)]
     return min(near, key=lambda n: abs(cost(n) - target))
 
 
 def candidates(vit: str, method: str) -> List[List[str]]:
     """The settings of ``method`` on ``vit``, as lists each ordered by non-decreasing image-tower cost."""
     import models
+    from models.dynamicvit import STAGES, keep_count
     from models.reducers import model_name
 
     vision = models.architecture(vit)["vision_cfg"]
@@ -69,7 +66,8 @@ def candidates(vit: str, method: str) -> List[List[str]]:
                 for s in (1, 2, 4, 8, 16) if s < patches]
     if method == "dynamicvit":
         rhos = [i / 100 for i in range(5, 100)]
-        return [[model_name(vit, "dynamicvit", keep_ratio=rho) for rho in rhos if int(patches * rho ** 3) >= 1]]
+        return [[model_name(vit, "dynamicvit", keep_ratio=rho) for rho in rhos
+                 if keep_count(patches, rho, STAGES) >= 1]]
     raise ConfigError(f"--methods: {method!r} is not one of {', '.join(METHODS)}")
 
 
@@ -104,14 +102,11 @@ def tokens_per_block(name: str) -> List[int]:
                         * vision["layers"]))
 
 
-def _pm(mean, std, scale: float = 1.0, spec: str = ".1f") -> str:
-    return "n/a" if mean is None else f"{scale * mean:{spec}} +- {scale * std:{spec}}"
-
-
 def write_outputs(rows: List[Dict[str, Any]], matches: List[Dict[str, Any]], records: List[Dict[str, Any]],
                   out: Path, command: str) -> None:
     """``compare.md``, ``compare.json`` and ``compare.png`` in ``out``; ``rows`` from :func:`harness.tools.ablate.
     aggregate` with ``model``, ``image_gmacs``, ``tokens_per_block`` and ``matches`` added."""
+    pm = ablate.pm  # "mean +- std" cells, as the ablation table writes them
     base = rows[0]
     lines = [f"# DTP-ViT and token reducers at matched FLOPs\n\nCommand: `{command}`\n",
              "Image MACs: image-tower forward multiply-adds per image (M = 1e6, G = 1e9), fvcore with attention "
@@ -127,10 +122,10 @@ def write_outputs(rows: List[Dict[str, Any]], matches: List[Dict[str, Any]], rec
                            for m in r["matches"]) or "-"
         cells = [str(r["row"]), r["model"], target, f"{1000 * r['image_gmacs']:.2f} M" if r["image_gmacs"] < 0.1
                  else f"{r['image_gmacs']:.3f} G", " ".join(map(str, r["tokens_per_block"])), str(r["seeds"]),
-                 _pm(r["samples_per_s"], r["samples_per_s_std"], 1, ".0f"), "n/a" if speed is None else f"{speed:.2f}x",
-                 _pm(r["eval_images_per_s"], r["eval_images_per_s_std"], 1, ".0f"),
-                 _pm(r["peak_gib"], r["peak_gib_std"], 1, ".2f"), _pm(r["top1"], r["top1_std"], 100),
-                 _pm(r["top5"], r["top5_std"], 100), gap]
+                 pm(r["samples_per_s"], r["samples_per_s_std"], 1, ".0f"), "n/a" if speed is None else f"{speed:.2f}x",
+                 pm(r["eval_images_per_s"], r["eval_images_per_s_std"], 1, ".0f"),
+                 pm(r["peak_gib"], r["peak_gib_std"], 1, ".2f"), pm(r["top1"], r["top1_std"], 100),
+                 pm(r["top5"], r["top5_std"], 100), gap]
         lines.append("| " + " | ".join(cells) + " |")
     missed = [m for m in matches if not m["within"]]
     lines.append("\n" + ("Every matched setting is within 5% of its DTP-ViT target's image GMACs." if not missed else
@@ -171,7 +166,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``harness compare-reducers`` entry point; exit status 2 on bad input (before anything runs), 1 if a run
     failed."""
     import models
-    from harness.tools import ablate
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="harness compare-reducers", description=__doc__.split("\n\n")[0])
