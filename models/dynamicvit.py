@@ -21,9 +21,12 @@ Transformers with Dynamic Token Sparsification", NeurIPS 2021; reference code ``
   over the stages, times ``ratio_weight`` (reference default 2.0); :meth:`DynamicViTVisionTransformer.extra_losses`
   hands it to the trainer, which adds it to the contrastive loss and logs it.
 
-Not implemented: the reference's distillation from a full-token teacher (the KL term on the class token's output
-and the token-wise term on kept tokens, ``distill_weight``); training here uses the contrastive loss plus the ratio
-loss only. The reference's variants for LV-ViT, Swin and ConvNeXt are not ported either.
+* Distillation (optional; the reference's ``DistillDiffPruningLoss_dynamic``; :mod:`models.distill`): a frozen
+  full-token teacher, the plain ViT the student is built on (:func:`models.pretrained.load_teacher`), attached outside
+  the module tree, sees the same images in each training forward with grad. Its two terms, image embedding (``2 -
+  2 cos``, in place of the reference's KL on class logits) and kept tokens (MSE), join the extra losses.
+
+The reference's variants for LV-ViT, Swin and ConvNeXt are not ported.
 
 Differences from the reference, on purpose: blocks before the first stage run plain attention (the reference runs
 them with an all-ones policy, equal up to its ``eps``); with ``pool_type="avg"`` the training mean is over the kept
@@ -46,6 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import SelfAttention, attention
+from models.distill import distill_losses, teacher_outputs
 
 STAGES = 3  # pruning stages (the paper's)
 MIN_BLOCKS = 4  # distinct stage positions L//4 < L//2 < 3L//4 need L >= 4
@@ -225,6 +229,7 @@ class DynamicViTVisionTransformer(VisionTransformer):
     """
 
     predictors: nn.ModuleList
+    takes_teacher = True  # models.distill.attach_teacher
     keep_ratio: float
     ratio_weight: float = 2.0
     dynamicvit_stages: List[int]
@@ -232,10 +237,15 @@ class DynamicViTVisionTransformer(VisionTransformer):
     progress_metrics = {"keep_ratio_last": "keep"}
 
     def forward(self, x: torch.Tensor):
+        images = x
         x, policy = self.forward_blocks(self._embeds(x))
         pooled, tokens = self._pool_kept(x, policy)
         if self.proj is not None:
             pooled = pooled @ self.proj
+        teacher = self.__dict__.get("distill_teacher")
+        self._distill = None
+        if teacher is not None and policy is not None and torch.is_grad_enabled():  # a training forward with grad
+            self._distill = distill_losses(pooled, tokens, policy, *teacher_outputs(teacher, images))
         return (pooled, tokens) if self.output_tokens else pooled
 
     def forward_blocks(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -298,11 +308,20 @@ class DynamicViTVisionTransformer(VisionTransformer):
         return mean(x), x[:, 1:]
 
     def extra_losses(self) -> Dict[str, torch.Tensor]:
-        """``{"ratio_loss": ratio_weight x ratio loss}`` of the last training forward (empty at eval)."""
+        """The weighted extra losses of the last training forward (empty at eval): ``ratio_loss`` (``ratio_weight``
+        x :func:`ratio_loss`) and, with a teacher attached (:func:`models.distill.attach_teacher`) and grad enabled,
+        ``distill_embed_loss`` and ``distill_token_loss`` (their weights x the terms of
+        :func:`models.distill.distill_losses`)."""
         loss = getattr(self, "_ratio_loss", None)
         if loss is None or not self.training:
             return {}
-        return {"ratio_loss": self.ratio_weight * loss}
+        out = {"ratio_loss": self.ratio_weight * loss}
+        distill = getattr(self, "_distill", None)
+        if distill is not None:
+            weights = self.__dict__.get("distill_weights", (0.5, 0.5))
+            out["distill_embed_loss"] = weights[0] * distill[0]
+            out["distill_token_loss"] = weights[1] * distill[1]
+        return out
 
 
 def apply_dynamicvit(visual: VisionTransformer, keep_ratio: float, ratio_weight: float = 2.0) -> VisionTransformer:

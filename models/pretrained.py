@@ -13,6 +13,9 @@ A pretrained file is an open_clip CLIP state dict: ``.pt`` / ``.pth`` / ``.bin``
   ``mlp.fc1``/``mlp.c_fc``, ``mlp.fc2``/``mlp.c_proj``); the tensors have the same layout (q, k, v stacked,
   heads contiguous, as in ``nn.MultiheadAttention``). The boundary predictor starts new.
 
+DynamicViT's distillation teacher (:func:`load_teacher`, :mod:`models.distill`) is the plain ViT a DynamicViT model
+is built on, every image-tower weight read from such a file.
+
 Locking (:func:`lock_towers`) is open_clip's ``CLIP.lock_image_tower`` / ``lock_text_tower`` (``--lock-image``,
 ``--lock-text``; LiT, Zhai et al. 2022): every parameter of the tower stops requiring gradients.
 """
@@ -205,3 +208,30 @@ def describe_lock(counts: Dict[str, int]) -> Optional[str]:
     """One log line for :func:`lock_towers`'s counts, or None when nothing was locked."""
     parts = [f"{tower} tower ({n / 1e6:.2f}M parameters)" for tower, n in counts.items() if n]
     return "locked (frozen): " + ", ".join(parts) if parts else None
+
+
+def load_teacher(name: str, path: str, device: str = "cpu", attention: str = "sdpa") -> nn.Module:
+    """The teacher of the DynamicViT model ``name`` (``<vit>-dynamicvit-<rho>``): the image tower of ``<vit>``
+    built by ``models.create_model`` on ``device`` (``"meta"``: checked, not loaded) with every ``visual.*`` weight
+    from the open_clip checkpoint ``path`` (any file or folder ``model.pretrained`` reads,
+    :func:`read_state_dict`). Text-tower keys in the file are ignored.
+
+    Raises:
+        ValueError: ``name`` is not a DynamicViT model.
+        PretrainedError: unreadable file, another architecture, or ``visual.*`` weights missing
+            (named).
+    """
+    import models
+    from models.reducers import parse
+
+    red = parse(name)
+    if red is None or red.method != "dynamicvit":
+        raise ValueError(f"model.distill_teacher: only DynamicViT models (<vit>-dynamicvit-<rho>) distil from a "
+                         f"teacher; model.name is {name!r}")
+    model = models.create_model(red.base, device=device, attention=attention)
+    report = (check_pretrained if device == "meta" else load_pretrained)(model, path)
+    missing = [k for k in report.new if k.startswith("visual.")]
+    if missing:
+        raise PretrainedError(f"{path!r} lacks {len(missing)} image-tower weights of {red.base} (such as "
+                              f"{', '.join(missing[:3])}): a teacher needs them all")
+    return model.visual

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import models
-from harness.config.job_config import validate
 from harness.config.overrides import from_dict
+from harness.config.validate import validate
 from harness.core.errors import ConfigError
 from models.decatt import decatt_loss, enable_decatt, extra_losses
 from models.mixed_res import (

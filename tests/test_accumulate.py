@@ -21,17 +21,24 @@ from harness.engines.local import LocalEngine
 from harness.train import accumulate
 from harness.train.accumulate import NegativesAccumulation
 from harness.train.losses import build_loss
+from models.distill import attach_teacher
+from models.reducers import parse as reduction
 from tests.helpers import accelerate_launch, losses, train
 
 K, MICRO = 4, 16
 
 
 def _model(name: str, dropout: float = 0.0):
+    """``name`` in training mode; a DynamicViT model distils from a frozen teacher (a random ViT of its base), so the
+    step's extra losses hold the teacher's terms too."""
     torch.manual_seed(0)
     model = models.create_model(name).train()
     for m in model.modules():
         if dropout and hasattr(m, "dropout") and isinstance(m.dropout, float):  # models.attention.SelfAttention
             m.dropout = dropout
+    red = reduction(name)
+    if red is not None and red.method == "dynamicvit":
+        attach_teacher(model.visual, models.create_model(red.base).visual)
     return model
 
 
@@ -88,15 +95,19 @@ def _assert_same(loss, grads, ref_loss, ref_grads):
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["dense", "tiled"])
-def test_four_micro_batches_with_negatives_equal_one_batch_of_64(impl):
-    """ViT without noise: K=4 x micro 16 equals K=1 x micro 64 (one forward of 64 samples)."""
-    _assert_same(*_accumulated("ViT-micro-8", impl=impl), *_reference("ViT-micro-8", micro=K * MICRO))
+@pytest.mark.parametrize("name, impl", [("ViT-micro-8", "dense"), ("ViT-micro-8", "tiled"),
+                                        ("ViT-tiny-8-tome-r2", "dense"), ("ViT-tiny-8-tokenlearner-4-at2", "dense")])
+def test_four_micro_batches_with_negatives_equal_one_batch_of_64(name, impl):
+    """A tower without noise (ViT; ToMe's merges and TokenLearner's tokens, both per sample): K=4 x micro 16 equals
+    K=1 x micro 64 (one forward of 64 samples)."""
+    _assert_same(*_accumulated(name, impl=impl), *_reference(name, micro=K * MICRO))
 
 
-@pytest.mark.parametrize("name,dropout", [("ViT-micro-8", 0.3), ("DTP-ViT-micro-8-2x", 0.0)])
+@pytest.mark.parametrize("name,dropout", [("ViT-micro-8", 0.3), ("DTP-ViT-micro-8-2x", 0.0),
+                                          ("ViT-tiny-8-dynamicvit-0.7", 0.0)])
 def test_random_state_is_replayed_in_the_recompute(name, dropout, monkeypatch):
-    """With attention dropout (ViT) or DTP-ViT's Gumbel boundary noise (and its boundary loss), the two passes see the
+    """With attention dropout (ViT), DTP-ViT's Gumbel boundary noise (and its boundary loss) or DynamicViT's Gumbel
+    keep decisions (and its ratio and distillation losses, the teacher seen in pass 2 only), the two passes see the
     same noise: the gradient is that of the step's loss under the noise pass 1 drew. Without the replay it is not."""
     ref = _reference(name, micro=MICRO, dropout=dropout)
     _assert_same(*_accumulated(name, dropout), *ref)

@@ -5,9 +5,10 @@ import pytest
 import yaml
 
 from harness.cli import build_config, train_main
-from harness.config.job_config import JobConfig, validate
+from harness.config.job_config import JobConfig
 from harness.config.layout import batch_layout
 from harness.config.overrides import describe, from_dict
+from harness.config.validate import validate
 from harness.core.errors import ConfigError
 from tests.helpers import write_shards
 

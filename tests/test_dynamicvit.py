@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models
 from models.blocks import set_grad_checkpointing
@@ -276,3 +277,90 @@ def test_predictors_follow_tower_device_and_dtype():
     with torch.no_grad():
         assert half.eval()(images).dtype == torch.bfloat16
         assert half.train()(images).dtype == torch.bfloat16
+
+
+# ---- distillation from a frozen full-token teacher (models.distill, models.pretrained.load_teacher)
+
+def _student_and_teacher(tmp_path, keep_all: bool = False):
+    """A DynamicViT student and the teacher :func:`load_teacher` reads from a checkpoint of the student's own ViT
+    weights (so the two differ only in the student's token dropping). ``keep_all``: the predictors' last bias
+    makes every Gumbel sample a keep."""
+    from models.distill import attach_teacher
+    from models.pretrained import load_teacher
+
+    model = _model()
+    base = {k: v for k, v in model.state_dict().items() if ".predictors." not in k}
+    torch.save(base, tmp_path / "vit.pt")
+    if keep_all:
+        with torch.no_grad():
+            for p in model.visual.predictors:
+                p.out_conv[-2].bias.copy_(torch.tensor([50.0, -50.0]))
+    teacher = load_teacher("ViT-tiny-8-dynamicvit-0.7", str(tmp_path / "vit.pt"), attention="math")
+    attach_teacher(model.visual, teacher, embed_weight=0.5, token_weight=2.0)
+    return model.train(), teacher
+
+
+def test_distillation_terms_are_cosine_and_masked_token_mse():
+    from models.distill import distill_losses
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(B, 8, generator=g), torch.randn(B, 8, generator=g)
+    st, tt = torch.randn(B, N0, D, generator=g), torch.randn(B, N0, D, generator=g)
+    keep = torch.rand(B, N0, generator=g) > 0.5
+    policy = torch.cat([torch.ones(B, 1), keep.float()], dim=1)[..., None]
+    embed, token = distill_losses(s, st, policy, t, tt)
+    torch.testing.assert_close(embed, (2 - 2 * F.cosine_similarity(s, t, dim=-1)).mean())
+    torch.testing.assert_close(token, F.mse_loss(st[keep], tt[keep]))  # the reference's boolean-mask MSE
+    assert distill_losses(s, st, torch.zeros_like(policy), t, tt)[1] == 0  # nothing kept: 0, not NaN
+
+
+def test_the_teacher_is_frozen_outside_the_module_tree_and_only_trains(tmp_path):
+    model, teacher = _student_and_teacher(tmp_path)
+    visual = model.visual
+    assert set(model.state_dict()) == set(_model().state_dict())  # nothing of the teacher is saved
+    assert not any(p is q for p in model.parameters() for q in teacher.parameters())  # nor optimised
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    out = visual(_images())
+    extras = visual.extra_losses()
+    assert set(extras) == {"ratio_loss", "distill_embed_loss", "distill_token_loss"}
+    (out.square().sum() + sum(extras.values())).backward()
+    assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
+    assert visual.predictors[0].in_conv[1].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # accumulation's first pass: no teacher forward
+        visual(_images())
+    assert set(visual.extra_losses()) == {"ratio_loss"}
+    model.eval()
+    visual(_images())
+    assert visual.extra_losses() == {}
+
+
+def test_a_student_keeping_every_token_matches_its_own_teacher(tmp_path):
+    """Student and teacher share the ViT weights and every token is kept: both terms vanish (up to the policy
+    softmax's eps); the token term's weight is applied."""
+    model, _ = _student_and_teacher(tmp_path, keep_all=True)
+    model.visual(_images())
+    extras = model.visual.extra_losses()
+    assert extras["distill_embed_loss"] < 1e-6 and extras["distill_token_loss"] < 1e-6
+    model2, _ = _student_and_teacher(tmp_path)  # tokens dropped: the student's features move away from the teacher's
+    model2.visual(_images())
+    assert model2.visual.extra_losses()["distill_token_loss"] > 1e-4
+
+
+def test_a_teacher_of_another_architecture_or_incomplete_is_refused(tmp_path):
+    from models.distill import attach_teacher
+    from models.pretrained import PretrainedError, load_teacher
+
+    model = _model()
+    torch.save(models.create_model("ViT-micro-8").state_dict(), tmp_path / "micro.pt")
+    with pytest.raises(PretrainedError, match="another architecture"):
+        load_teacher("ViT-tiny-8-dynamicvit-0.7", str(tmp_path / "micro.pt"), device="meta")
+    state = {k: v for k, v in models.create_model("ViT-tiny-8").state_dict().items() if "resblocks.3." not in k}
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(PretrainedError, match="lacks 12 image-tower weights"):
+        load_teacher("ViT-tiny-8-dynamicvit-0.7", str(tmp_path / "partial.pt"), device="meta")
+    with pytest.raises(ValueError, match="only DynamicViT models"):
+        load_teacher("ViT-tiny-8-tome-r2", str(tmp_path / "micro.pt"))
+    with pytest.raises(ValueError, match="differ from the student"):
+        attach_teacher(model.visual, models.create_model("ViT-micro-8").visual)
+    with pytest.raises(ValueError, match="loss.distill_token_weight"):
+        attach_teacher(model.visual, models.create_model("ViT-tiny-8").visual, token_weight=-1)

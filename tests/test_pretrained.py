@@ -116,11 +116,11 @@ def test_leftover_keys_are_reported(tmp_path):
     assert "1 left over" in report.lines()[0] and "visual.extra_head.weight" in report.lines()[1]
 
 
-def _refused(tmp_path, digits_dir, capsys, model: str, pretrained: str) -> str:
+def _refused(tmp_path, digits_dir, capsys, model: str, pretrained: str, *extra: str) -> str:
     out = tmp_path / "runs"
     rc = train_main(["--model", model, "--train-data", str(digits_dir / "train"), "--zeroshot-data", "none",
                      "--output-dir", str(out), "--run-name", "r", "--train-samples", "64",
-                     f"model.pretrained={pretrained}"])
+                     *([f"model.pretrained={pretrained}"] if pretrained else []), *extra])
     assert rc == 2
     assert not out.exists(), "something was written before the refusal"
     return capsys.readouterr().err
@@ -138,6 +138,21 @@ def test_another_architecture_is_refused_before_anything_is_written(tmp_path, di
     (tmp_path / "notes.txt").write_text("not weights")
     err = _refused(tmp_path, digits_dir, capsys, "ViT-micro-8", str(tmp_path / "notes.txt"))
     assert "error: model.pretrained:" in err and ".safetensors" in err
+
+
+def test_a_bad_distillation_setup_is_refused_before_anything_is_written(tmp_path, digits_dir, capsys):
+    """``model.distill_teacher`` (DynamicViT's frozen teacher, models.dynamicvit) is checked like model.pretrained:
+    on a model that is not DynamicViT, of another architecture, missing; and its loss weights."""
+    torch.save(_state("ViT-micro-8", seed=1), tmp_path / "micro.pt")
+    dvt, teacher = "ViT-tiny-8-dynamicvit-0.7", f"model.distill_teacher={tmp_path / 'micro.pt'}"
+    for model, extra, expected in (
+            ("ViT-tiny-8-tome-r2", [teacher], "model.distill_teacher: only DynamicViT models"),
+            (dvt, [teacher], "another architecture"),
+            (dvt, [f"model.distill_teacher={tmp_path / 'missing.pt'}"], "is not a file"),
+            (dvt, ["loss.distill_token_weight=-1"], "loss.distill_token_weight")):
+        err = _refused(tmp_path, digits_dir, capsys, model, "", *extra)
+        assert expected in err, (model, extra, err)
+        assert "error: model.distill_teacher:" in err or "weight" in expected
 
 
 def test_resume_refuses_another_pretrained_file_and_accepts_old_checkpoints():

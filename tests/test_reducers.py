@@ -4,6 +4,7 @@ resume bit for bit. Each method's own behaviour is in ``test_tome.py``, ``test_t
 ``test_dynamicvit.py``."""
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -14,7 +15,16 @@ from harness.components.checkpoint import complete_checkpoints
 from harness.fit.model_shape import model_shape
 from harness.tools import compare_reducers
 from models import reducers
-from tests.helpers import accelerate_launch, assert_same_trajectory, digits_args, in_process
+from tests.helpers import (
+    accelerate_launch,
+    assert_same_trajectory,
+    digits_args,
+    in_process,
+    losses,
+    metrics_by_step,
+    synthetic_args,
+    train,
+)
 
 
 def test_names_spell_settings_and_any_setting_on_a_registered_vit_builds():
@@ -75,21 +85,29 @@ def test_compare_reducers_refuses_bad_input_before_running(tmp_path):
 
 
 def _engine_matrix():
-    """Every method under ZeRO-2 and FSDP2; ``make test`` runs two (DynamicViT's Gumbel noise under ZeRO-2,
-    TokenLearner's own parameters sharded by FSDP2), the other four are marked ``matrix`` (``make test-matrix``;
-    about 35 s each on one core), to keep the suite inside its 15 minutes."""
-    default = {("zero2.yaml", "ViT-tiny-8-dynamicvit-0.7"), ("fsdp.yaml", "ViT-tiny-8-tokenlearner-4-at2")}
-    return [pytest.param(c, n, marks=() if (c, n) in default else pytest.mark.matrix)
-            for c in ("zero2.yaml", "fsdp.yaml")
-            for n in ("ViT-tiny-8-dynamicvit-0.7", "ViT-tiny-8-tokenlearner-4-at2", "ViT-tiny-8-tome-r2")]
+    """Every method under ZeRO-2 and FSDP2, and under ZeRO-3 (parameters partitioned: TokenLearner's and DynamicViT's
+    own among them), ZeRO-0 and ZeRO-1; DynamicViT always distils from a teacher, once under DeepSpeed's pure bf16
+    (the teacher follows the student's input dtype). ``make test`` runs two (DynamicViT's Gumbel noise and teacher
+    under ZeRO-2, TokenLearner's own parameters sharded by FSDP2); the others are marked ``matrix`` (``make
+    test-matrix``; about 35 s each on one core), to keep the suite inside its 15 minutes."""
+    dvt, tl, tome = "ViT-tiny-8-dynamicvit-0.7", "ViT-tiny-8-tokenlearner-4-at2", "ViT-tiny-8-tome-r2"
+    default = [("zero2.yaml", dvt, "fp32"), ("fsdp.yaml", tl, "fp32")]
+    matrix = [("zero2.yaml", tl, "fp32"), ("zero2.yaml", tome, "fp32"), ("fsdp.yaml", dvt, "fp32"),
+              ("fsdp.yaml", tome, "fp32"), ("zero3.yaml", dvt, "bf16"), ("zero3.yaml", tl, "fp32"),
+              ("zero3.yaml", tome, "fp32"), ("zero0.yaml", tome, "fp32"), ("zero1.yaml", tl, "fp32")]
+    return [pytest.param(*case) for case in default] + [pytest.param(*case, marks=pytest.mark.matrix)
+                                                        for case in matrix]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, name", _engine_matrix())
-def test_two_processes_train_and_resume_bit_for_bit(tmp_path, digits_dir, config, name):
+@pytest.mark.parametrize("config, name, precision", _engine_matrix())
+def test_two_processes_train_and_resume_bit_for_bit(tmp_path, digits_dir, config, name, precision):
     """A 2-process run of a reduced tower checkpoints at step 3; a copy of it resumed from there follows the
-    uninterrupted run bit for bit to step 6."""
-    args = ["--model", name, "checkpoint.every_steps=3", "checkpoint.keep_last=5"]
+    uninterrupted run bit for bit to step 6 (DynamicViT's distillation terms too: the teacher is read again)."""
+    args = ["--model", name, "checkpoint.every_steps=3", "checkpoint.keep_last=5", f"train.precision={precision}"]
+    if "-dynamicvit-" in name:
+        torch.save(models.create_model(reducers.parse(name).base).state_dict(), tmp_path / "teacher.pt")
+        args.append(f"model.distill_teacher={tmp_path / 'teacher.pt'}")
     accelerate_launch(config, digits_args(tmp_path, digits_dir, "full", *args, steps=6))
     full = tmp_path / "full"
     resumed = tmp_path / "resumed"
@@ -100,3 +118,24 @@ def test_two_processes_train_and_resume_bit_for_bit(tmp_path, digits_dir, config
     (resumed / "summary.json").unlink(missing_ok=True)
     accelerate_launch(config, digits_args(tmp_path, digits_dir, "resumed", *args, "--resume", "latest", steps=6))
     assert_same_trajectory(full, resumed, 3, 6)
+    if "-dynamicvit-" in name:
+        last = metrics_by_step(full)[6]
+        assert last["distill_embed_loss"] > 0 and last["distill_token_loss"] > 0, last
+
+
+@pytest.mark.parametrize("name", ["ViT-tiny-8-tome-r2", "ViT-tiny-8-tokenlearner-4-at2", "ViT-tiny-8-dynamicvit-0.7"])
+def test_mixed_precision_follows_the_fp32_run(tmp_path, name):
+    """One process, plain engine: bf16 and fp16 (autocast; fp16 with loss scaling) runs of each reduced tower follow
+    the fp32 run's losses within 3% over 4 steps, every loss finite (DynamicViT's fp32 policy softmax, ToMe's
+    size-weighted merges and TokenLearner's maps under autocast; DynamicViT with a teacher)."""
+    extra = []
+    if "-dynamicvit-" in name:
+        torch.save(models.create_model("ViT-tiny-8").state_dict(), tmp_path / "teacher.pt")
+        extra.append(f"model.distill_teacher={tmp_path / 'teacher.pt'}")
+    runs = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        train(synthetic_args(tmp_path, precision, 8, f"train.precision={precision}", *extra, model=name, steps=4))
+        runs[precision] = losses(tmp_path / precision)
+    assert len(runs["fp32"]) == 4 and all(math.isfinite(v) for r in runs.values() for v in r)
+    for precision in ("bf16", "fp16"):
+        assert runs[precision] == pytest.approx(runs["fp32"], rel=0.03), (precision, runs)

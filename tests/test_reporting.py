@@ -9,7 +9,7 @@ import re
 import pytest
 
 from harness.cli import build_config
-from harness.config.job_config import validate
+from harness.config.validate import validate
 from harness.core.errors import ConfigError
 from tests.helpers import read_jsonl, train, train_py
 

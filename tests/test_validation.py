@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import models
 from harness.cli import build_config, train_main
 from harness.components.checkpoint import complete_checkpoints, load_model_state
-from harness.config.job_config import validate
+from harness.config.validate import validate
 from harness.core.errors import ConfigError
 from harness.data.shards import count_samples, expand_shards
 from harness.eval.validation import batched_clip_loss, clip_retrieval_metrics, validate_clip

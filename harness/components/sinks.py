@@ -60,7 +60,7 @@ class WandbSink:
 
 def build_sinks(cfg: JobConfig, rank: int) -> List[MetricSink]:
     """The sinks ``train.report_to`` asks for, on rank 0 (none elsewhere). The packages were checked to be
-    importable by :func:`harness.config.job_config.validate`, before any process group."""
+    importable by :func:`harness.config.validate.validate`, before any process group."""
     if rank != 0:
         return []
     sinks: List[MetricSink] = []

@@ -3,27 +3,25 @@
 Every field has a one-line docstring (torchtitan's ``JobConfig`` habit) and a declared type; choices are
 ``Literal`` types. A section checks its own fields in ``__post_init__`` (so a bad value fails where the
 section is built, with a message naming ``section.field`` and the allowed values); checks across sections
-and against the filesystem are :func:`validate`. Hardware checks (which kernels this machine runs, memory
-budgets against the device) live in :mod:`harness.distributed.hardware`; building a config from presets, flags and
-``section.field=value`` overrides, parsed by each field's declared type, in :mod:`harness.config.overrides`.
+and against the filesystem are :func:`harness.config.validate.validate`. Hardware checks (which kernels this
+machine runs, memory budgets against the device) live in :mod:`harness.distributed.hardware`; building a config
+from presets, flags and ``section.field=value`` overrides, parsed by each field's declared type, in
+:mod:`harness.config.overrides`.
 
-Batch arithmetic lives in :func:`batch_layout`: ``global_batch = micro_batch * grad_accum_steps * world_size``.
+Batch arithmetic lives in :func:`harness.config.layout.batch_layout`: ``global_batch = micro_batch *
+grad_accum_steps * world_size``.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, get_args
 
 from harness.config.checks import check_choice, check_fields
-from harness.config.layout import BatchLayout, batch_layout, launch_world_size
 from harness.core.errors import ConfigError
-from harness.data.shards import expand_shards
 from models.attention import AttentionBackend
-from models.mixed_res import model_quadtree_spec
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
@@ -48,6 +46,11 @@ class ModelConfig:
     """Start a fresh run from this open_clip checkpoint file (``.pt``/``.bin``/``.safetensors``, or a folder from
     ``harness export``); DTP-ViT models take a ViT checkpoint of the same width (:mod:`models.pretrained`).
     Not read on resume (the checkpoint has every weight)."""
+    distill_teacher: Optional[str] = None
+    """DynamicViT models only (``<vit>-dynamicvit-<rho>``): distil from a frozen full-token teacher, the plain
+    ``<vit>`` image tower with its weights from this open_clip checkpoint (the files and folders
+    ``model.pretrained`` reads), as DynamicViT does (:mod:`models.dynamicvit`; weights ``loss.distill_embed_weight``,
+    ``loss.distill_token_weight``). Read on every start, resumes included (the teacher is not checkpointed)."""
     lock_image: bool = False
     """Freeze the image tower (open_clip's ``--lock-image``, LiT)."""
     lock_text: bool = False
@@ -271,11 +274,20 @@ class LossConfig:
     """``tiled``: columns (gathered samples) per tile of the logits."""
     decatt_weight: float = 0.0
     """DeCAtt (:mod:`models.decatt`): weight of the image tower's head-decorrelation loss (``decatt_loss``); 0 off."""
+    distill_embed_weight: float = 0.5
+    """With ``model.distill_teacher``: weight of the image-embedding distillation term (``distill_embed_loss``,
+    ``2 - 2 cos`` to the teacher's embedding; DynamicViT's class-token term, reference 0.5)."""
+    distill_token_weight: float = 0.5
+    """With ``model.distill_teacher``: weight of the token distillation term (``distill_token_loss``, MSE to the
+    teacher's patch tokens over the kept ones; DynamicViT's ``distill_weight``, reference 0.5)."""
 
     def __post_init__(self):
         check_choice(self, "kind")
         check_choice(self, "impl")
-        check_fields(self, {"tile_size": (self.tile_size >= 1, "must be a positive integer (columns per tile)")})
+        weight = lambda w: (isinstance(w, (int, float)) and w >= 0 and math.isfinite(w), "must be a finite number >= 0")
+        check_fields(self, {"tile_size": (self.tile_size >= 1, "must be a positive integer (columns per tile)"),
+                            "distill_embed_weight": weight(self.distill_embed_weight),
+                            "distill_token_weight": weight(self.distill_token_weight)})
 
 
 @dataclass
@@ -349,52 +361,3 @@ class JobConfig:
 def to_dict(cfg: JobConfig) -> dict:
     """Plain nested dict of ``cfg`` (what is saved to ``config.yaml``)."""
     return dataclasses.asdict(cfg)
-
-
-# --------------------------------------------------------------------------- across sections
-
-def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool = True) -> BatchLayout:
-    """Check what involves several sections or the filesystem (each section checked its own fields).
-
-    Args:
-        cfg: the job config.
-        world_size: data-parallel ranks; default ``train.emulate_world_size`` or the launcher's ``WORLD_SIZE``.
-        check_paths: also check that data paths exist (shards, eval folder, checkpoint to resume).
-
-    Returns:
-        The run's :class:`BatchLayout`.
-
-    Raises:
-        ConfigError: the first invalid field, named.
-    """
-    t, d, c, e = cfg.train, cfg.data, cfg.checkpoint, cfg.eval
-    layout = batch_layout(t, world_size or t.emulate_world_size or launch_world_size())
-    if (t.train_samples is None) == (t.epochs is None):
-        raise ConfigError("train.train_samples / train.epochs: set exactly one of them")
-    if t.train_samples is not None and t.train_samples < layout.global_batch_size:
-        raise ConfigError(f"train.train_samples: {t.train_samples} is less than one global batch "
-                          f"({layout.global_batch_size})")
-    for name in t.report_to:
-        if importlib.util.find_spec(REPORT_TO[name]) is None:
-            raise ConfigError(f"train.report_to: {name} is asked for but the {REPORT_TO[name]!r} package is not "
-                              f"installed (pip install {REPORT_TO[name]}, or drop it from train.report_to)")
-    if d.tokenizer == "quadtree":
-        try:
-            model_quadtree_spec(cfg.model.name, d.quadtree_levels, d.quadtree_tokens)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    if not check_paths:
-        return layout
-    if c.resume is not None and c.resume != "latest" and not Path(c.resume).is_dir():
-        raise ConfigError(f"checkpoint.resume: {c.resume!r} is neither 'latest' nor an existing checkpoint directory")
-    if d.train_data != "synthetic":
-        expand_shards(d.train_data)  # raises ConfigError naming data.train_data
-    elif t.epochs is not None and d.train_num_samples is None:
-        raise ConfigError("train.epochs: synthetic data has no epoch; set train.train_samples or "
-                          "data.train_num_samples")
-    if d.val_data is not None:
-        expand_shards(d.val_data, "data.val_data")  # raises ConfigError naming data.val_data
-    if e.zeroshot_data is not None and not Path(e.zeroshot_data).is_dir():
-        raise ConfigError(f"eval.zeroshot_data: {e.zeroshot_data!r} is not a directory (ImageFolder layout: one "
-                          "sub-folder of images per class); set it to null to skip zero-shot eval")
-    return layout

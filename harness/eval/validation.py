@@ -161,7 +161,7 @@ def validate_clip(model: torch.nn.Module, val_data: str, model_name: str, batch_
 
     Raises:
         ConfigError: ``val_data`` names no shards (checked before training by
-            :func:`harness.config.job_config.validate`).
+            :func:`harness.config.validate.validate`).
         RuntimeError: no sample of ``val_data`` could be decoded.
     """
     import models

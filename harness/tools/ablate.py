@@ -84,8 +84,8 @@ def build_configs(train_args: List[str], combos: List[Combo], seeds: int, world:
     Raises:
         ConfigError: the first invalid one, its knobs named.
     """
-    from harness.config.job_config import validate
     from harness.config.overrides import from_dict, load_preset, merge, parse_override
+    from harness.config.validate import validate
 
     preset, overrides = _split_train_args(train_args)
     for combo in combos:

@@ -18,9 +18,10 @@ import yaml
 
 from harness.components import checkpoint as ckpt_mod
 from harness.components.resilience import RunSupervisor
-from harness.config.job_config import JobConfig, to_dict, validate
+from harness.config.job_config import JobConfig, to_dict
 from harness.config.layout import BatchLayout
 from harness.config.overrides import get_dotted
+from harness.config.validate import validate
 from harness.core import hooks
 from harness.core.errors import ConfigError, ExitCode
 from harness.core.units import GIB
@@ -46,7 +47,8 @@ TRAJECTORY_FIELDS = ("model.name", "train.micro_batch_size", "train.seed", "opti
                      "optim.beta1", "optim.beta2", "optim.eps", "optim.warmup_samples", "optim.min_lr_ratio",
                      "optim.grad_clip_norm", "train.precision", "data.train_data", "data.resampled",
                      "data.shuffle_buffer", "data.num_workers", "loss.kind", "model.pretrained",
-                     "model.lock_image", "model.lock_text")
+                     "model.lock_image", "model.lock_text", "model.distill_teacher", "loss.distill_embed_weight",
+                     "loss.distill_token_weight")
 
 
 
@@ -133,6 +135,21 @@ def check_pretrained(cfg: JobConfig) -> None:
         raise ConfigError(f"model.pretrained: {e} (model.name={cfg.model.name})") from None
 
 
+def check_teacher(cfg: JobConfig) -> None:
+    """Check ``model.distill_teacher`` (every start, resumes too: the teacher is not checkpointed) against the
+    model's base ViT on ``meta`` (:func:`models.pretrained.load_teacher`), before any process group.
+
+    Raises:
+        ConfigError: ``model.distill_teacher: ...``: unreadable, another architecture, image-tower weights missing.
+    """
+    from models.pretrained import PretrainedError, load_teacher
+
+    try:
+        load_teacher(cfg.model.name, cfg.model.distill_teacher, device="meta")
+    except PretrainedError as e:
+        raise ConfigError(f"model.distill_teacher: {e} (model.name={cfg.model.name})") from None
+
+
 def setup_logging(rank: int, run_dir: Optional[Path] = None) -> None:
     """Our INFO lines on rank 0 only; libraries (open_clip logs to the root logger) at WARNING. On rank 0 the same
     lines also go to ``run_dir/train.log`` (appended, so a resumed run continues its log)."""
@@ -194,6 +211,8 @@ def run(cfg: JobConfig, make_trainer: Callable[[RunContext], Trainer] = Trainer)
         check_resume_compatible(ckpt_mod.newest_meta(resume_from), cfg, layout, total_samples)
     elif cfg.model.pretrained:
         check_pretrained(cfg)
+    if cfg.model.distill_teacher:
+        check_teacher(cfg)
 
     device = select_device()
     check_device_support(cfg, device, launch)

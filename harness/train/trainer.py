@@ -46,8 +46,9 @@ from harness.train.accumulate import NegativesAccumulation, loss_heads, model_in
 from harness.train.losses import build_loss
 from models.decatt import enable_decatt
 from models.decatt import extra_losses as tower_extra_losses
+from models.distill import attach_teacher
 from models.mixed_res import apply_mixed_resolution, model_quadtree_spec
-from models.pretrained import describe_lock, load_pretrained, lock_towers
+from models.pretrained import describe_lock, load_pretrained, load_teacher, lock_towers
 
 log = logging.getLogger("harness")
 
@@ -106,6 +107,10 @@ class Trainer:
             for line in load_pretrained(model, cfg.model.pretrained).lines():
                 log.info(line)
         enable_decatt(model.visual, cfg.loss.decatt_weight)
+        if cfg.model.distill_teacher:  # DynamicViT's frozen teacher, outside the module tree (never sharded or saved)
+            attach_teacher(model.visual, load_teacher(cfg.model.name, cfg.model.distill_teacher,
+                                                      attention=cfg.model.attention),
+                           cfg.loss.distill_embed_weight, cfg.loss.distill_token_weight)
         if cfg.data.tokenizer == "quadtree":
             apply_mixed_resolution(model.visual, model_quadtree_spec(cfg.model.name, cfg.data.quadtree_levels,
                                                                      cfg.data.quadtree_tokens))
