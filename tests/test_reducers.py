@@ -123,6 +123,7 @@ def test_two_processes_train_and_resume_bit_for_bit(tmp_path, digits_dir, config
         assert last["distill_embed_loss"] > 0 and last["distill_token_loss"] > 0, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-tiny-8-tome-r2", "ViT-tiny-8-tokenlearner-4-at2", "ViT-tiny-8-dynamicvit-0.7"])
 def test_mixed_precision_follows_the_fp32_run(tmp_path, name):
     """One process, plain engine: bf16 and fp16 (autocast; fp16 with loss scaling) runs of each reduced tower follow
