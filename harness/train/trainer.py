@@ -108,9 +108,11 @@ class Trainer:
                 log.info(line)
         enable_decatt(model.visual, cfg.loss.decatt_weight)
         if cfg.model.distill_teacher:  # DynamicViT's frozen teacher, outside the module tree (never sharded or saved)
-            attach_teacher(model.visual, load_teacher(cfg.model.name, cfg.model.distill_teacher,
-                                                      attention=cfg.model.attention),
-                           cfg.loss.distill_embed_weight, cfg.loss.distill_token_weight)
+            teacher = load_teacher(cfg.model.name, cfg.model.distill_teacher, attention=cfg.model.attention)
+            attach_teacher(model.visual, teacher, cfg.loss.distill_embed_weight, cfg.loss.distill_token_weight)
+            log.info("distillation teacher %s: frozen image tower, %.2fM params; weights embed %g, token %g",
+                     cfg.model.distill_teacher, sum(p.numel() for p in teacher.parameters()) / 1e6,
+                     cfg.loss.distill_embed_weight, cfg.loss.distill_token_weight)
         if cfg.data.tokenizer == "quadtree":
             apply_mixed_resolution(model.visual, model_quadtree_spec(cfg.model.name, cfg.data.quadtree_levels,
                                                                      cfg.data.quadtree_tokens))
