@@ -35,7 +35,8 @@ from tests.helpers import (
     train,
 )
 
-ENGINES = ["zero2.yaml", "fsdp.yaml"]
+# ZeRO-2 in `make test`; FSDP2 (its own checkpoint layout, DCP) in the `matrix` tier, which CI runs after it
+ENGINES = ["zero2.yaml", pytest.param("fsdp.yaml", marks=pytest.mark.matrix)]
 EXTRA = (*REFERENCE_EXTRA, "checkpoint.every_steps=3", "checkpoint.keep_last=30")
 
 

@@ -14,9 +14,14 @@ import yaml
 from harness.components.checkpoint import complete_checkpoints, load_model_state
 from tests.helpers import REPO, SHARDED, accelerate_launch, losses, read_jsonl, synthetic_args, train
 
+# in the `matrix` tier (CI runs it after `make test`): the settings another case already covers in `make test` (ZeRO-0
+# and ZeRO-1 by ZeRO-2, ZeRO-Offload 2 by ZeRO-Offload 3, shard-grad-op by FSDP2 full shard)
+MATRIX_ONLY = ("zero0", "zero1", "zero2-offload", "fsdp-shard-grad-op")
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SHARDED))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.matrix) if n in MATRIX_ONLY else n
+                                  for n in SHARDED])
 def test_sharded_run_follows_the_single_process_trajectory(name, sharded_run, single_reference):
     """2 processes under each launch config (ZeRO-0/1/2/3, ZeRO-3 with activation checkpointing, ZeRO-Offload 2/3,
     FSDP2 full shard with checkpointing every 2nd block, and shard-grad-op) follow one process over the same global
