@@ -36,7 +36,7 @@ lint: install
 test: lint
 	$(PY) -m pytest -q --durations=25 -m "not matrix" tests
 
-# the cases of the multi-process matrices that `make test` leaves out (marker `matrix`), a few minutes
+# the cases of the multi-process matrices that `make test` leaves out (marker `matrix`), about 11 minutes; CI runs it after `make test`
 test-matrix: lint
 	$(PY) -m pytest -q -m matrix tests
 
