@@ -243,9 +243,12 @@ class DynamicViTVisionTransformer(VisionTransformer):
         if self.proj is not None:
             pooled = pooled @ self.proj
         teacher = self.__dict__.get("distill_teacher")
-        self._distill = None
+        self._distill = {}
         if teacher is not None and policy is not None and torch.is_grad_enabled():  # a training forward with grad
-            self._distill = distill_losses(pooled, tokens, policy, *teacher_outputs(teacher, images))
+            embed_term, token_term = distill_losses(pooled, tokens, policy, *teacher_outputs(teacher, images))
+            embed_weight, token_weight = self.__dict__["distill_weights"]
+            self._distill = {"distill_embed_loss": embed_weight * embed_term,
+                             "distill_token_loss": token_weight * token_term}
         return (pooled, tokens) if self.output_tokens else pooled
 
     def forward_blocks(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -315,13 +318,7 @@ class DynamicViTVisionTransformer(VisionTransformer):
         loss = getattr(self, "_ratio_loss", None)
         if loss is None or not self.training:
             return {}
-        out = {"ratio_loss": self.ratio_weight * loss}
-        distill = getattr(self, "_distill", None)
-        if distill is not None:
-            weights = self.__dict__.get("distill_weights", (0.5, 0.5))
-            out["distill_embed_loss"] = weights[0] * distill[0]
-            out["distill_token_loss"] = weights[1] * distill[1]
-        return out
+        return {"ratio_loss": self.ratio_weight * loss, **getattr(self, "_distill", {})}
 
 
 def apply_dynamicvit(visual: VisionTransformer, keep_ratio: float, ratio_weight: float = 2.0) -> VisionTransformer:

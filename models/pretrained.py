@@ -222,16 +222,27 @@ def load_teacher(name: str, path: str, device: str = "cpu", attention: str = "sd
             (named).
     """
     import models
+
+    base = teacher_base(name)
+    model = models.create_model(base, device=device, attention=attention)
+    report = (check_pretrained if device == "meta" else load_pretrained)(model, path)
+    missing = [k for k in report.new if k.startswith("visual.")]
+    if missing:
+        raise PretrainedError(f"{path!r} lacks {len(missing)} image-tower weights of {base} (such as "
+                              f"{', '.join(missing[:3])}): a teacher needs them all")
+    return model.visual
+
+
+def teacher_base(name: str) -> str:
+    """The ViT the DynamicViT model ``name`` (``<vit>-dynamicvit-<rho>``) is built on: its teacher's architecture.
+
+    Raises:
+        ValueError: ``name`` is not a DynamicViT model (the message names ``model.distill_teacher``).
+    """
     from models.reducers import parse
 
     red = parse(name)
     if red is None or red.method != "dynamicvit":
         raise ValueError(f"model.distill_teacher: only DynamicViT models (<vit>-dynamicvit-<rho>) distil from a "
                          f"teacher; model.name is {name!r}")
-    model = models.create_model(red.base, device=device, attention=attention)
-    report = (check_pretrained if device == "meta" else load_pretrained)(model, path)
-    missing = [k for k in report.new if k.startswith("visual.")]
-    if missing:
-        raise PretrainedError(f"{path!r} lacks {len(missing)} image-tower weights of {red.base} (such as "
-                              f"{', '.join(missing[:3])}): a teacher needs them all")
-    return model.visual
+    return red.base

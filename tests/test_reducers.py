@@ -84,6 +84,16 @@ def test_compare_reducers_refuses_bad_input_before_running(tmp_path):
         assert result.returncode == 2 and field in result.stderr, (argv, result.stderr)
 
 
+def _teacher_args(folder, name: str):
+    """For a DynamicViT model, the override that makes it distil from a teacher: a random ViT of its base, saved in
+    ``folder``; nothing for the other methods."""
+    red = reducers.parse(name)
+    if red.method != "dynamicvit":
+        return []
+    torch.save(models.create_model(red.base).state_dict(), folder / "teacher.pt")
+    return [f"model.distill_teacher={folder / 'teacher.pt'}"]
+
+
 def _engine_matrix():
     """Every method under ZeRO-2 and FSDP2, and under ZeRO-3 (parameters partitioned: TokenLearner's and DynamicViT's
     own among them), ZeRO-0 and ZeRO-1; DynamicViT always distils from a teacher, once under DeepSpeed's pure bf16
@@ -105,10 +115,8 @@ def _engine_matrix():
 def test_two_processes_train_and_resume_bit_for_bit(tmp_path, digits_dir, config, name, precision):
     """A 2-process run of a reduced tower checkpoints at step 3; a copy of it resumed from there follows the
     uninterrupted run bit for bit to step 6 (DynamicViT's distillation terms too: the teacher is read again)."""
-    args = ["--model", name, "checkpoint.every_steps=3", "checkpoint.keep_last=5", f"train.precision={precision}"]
-    if "-dynamicvit-" in name:
-        torch.save(models.create_model(reducers.parse(name).base).state_dict(), tmp_path / "teacher.pt")
-        args.append(f"model.distill_teacher={tmp_path / 'teacher.pt'}")
+    args = ["--model", name, "checkpoint.every_steps=3", "checkpoint.keep_last=5", f"train.precision={precision}",
+            *_teacher_args(tmp_path, name)]
     accelerate_launch(config, digits_args(tmp_path, digits_dir, "full", *args, steps=6))
     full = tmp_path / "full"
     resumed = tmp_path / "resumed"
@@ -130,10 +138,7 @@ def test_mixed_precision_follows_the_fp32_run(tmp_path, name):
     """One process, plain engine: bf16 and fp16 (autocast; fp16 with loss scaling) runs of each reduced tower follow
     the fp32 run's losses within 3% over 4 steps, every loss finite (DynamicViT's fp32 policy softmax, ToMe's
     size-weighted merges and TokenLearner's maps under autocast; DynamicViT with a teacher)."""
-    extra = []
-    if "-dynamicvit-" in name:
-        torch.save(models.create_model("ViT-tiny-8").state_dict(), tmp_path / "teacher.pt")
-        extra.append(f"model.distill_teacher={tmp_path / 'teacher.pt'}")
+    extra = _teacher_args(tmp_path, name)
     runs = {}
     for precision in ("fp32", "bf16", "fp16"):
         train(synthetic_args(tmp_path, precision, 8, f"train.precision={precision}", *extra, model=name, steps=4))

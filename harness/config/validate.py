@@ -11,7 +11,7 @@ from harness.config.layout import BatchLayout, batch_layout, launch_world_size
 from harness.core.errors import ConfigError
 from harness.data.shards import expand_shards
 from models.mixed_res import model_quadtree_spec
-from models.reducers import parse as parse_reduction
+from models.pretrained import teacher_base
 
 
 def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool = True) -> BatchLayout:
@@ -40,10 +40,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, check_paths: bool
             raise ConfigError(f"train.report_to: {name} is asked for but the {REPORT_TO[name]!r} package is not "
                               f"installed (pip install {REPORT_TO[name]}, or drop it from train.report_to)")
     if cfg.model.distill_teacher:
-        red = parse_reduction(cfg.model.name)
-        if red is None or red.method != "dynamicvit":
-            raise ConfigError(f"model.distill_teacher: only DynamicViT models (<vit>-dynamicvit-<rho>) distil from a "
-                              f"teacher; model.name is {cfg.model.name!r}")
+        try:
+            teacher_base(cfg.model.name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if d.tokenizer == "quadtree":
         try:
             model_quadtree_spec(cfg.model.name, d.quadtree_levels, d.quadtree_tokens)
