@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -153,3 +154,20 @@ def test_a_killed_dataloader_worker_is_an_error_naming_its_shards(tmp_path):
     assert stream.explain(EOFError()) is None  # an error from elsewhere is not the loader's
     cut = stream._dead_worker(EOFError())
     assert isinstance(cut, DataWorkerError) and f"pid {victim.pid}, exit code -9" in str(cut)
+
+
+def test_a_transfer_cut_before_the_dead_worker_can_be_reaped_is_still_named(tmp_path):
+    """The kernel closes a killed worker's pipes before the worker can be reaped, so the rank may read EOF while
+    ``is_alive()`` still says True (CI saw it): the transfer error waits for the death instead of passing as is."""
+    write_shards(tmp_path / "ok", n_shards=2, per_shard=40)
+    stream = _stream(expand_shards(str(tmp_path / "ok")), workers=2)
+    it = iter(stream)
+    next(it)
+    victim = stream._it._workers[1]
+    assert stream._dead_worker(ValueError("not a transfer")) is None  # every worker lives: not the loader's
+    threading.Timer(0.5, os.kill, (victim.pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    named = stream._dead_worker(EOFError())  # seen while the victim still lives
+    assert isinstance(named, DataWorkerError) and f"pid {victim.pid}" in str(named), named
+    assert 0.4 < time.monotonic() - start < 5
+    stream.close()

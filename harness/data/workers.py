@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
@@ -45,6 +46,14 @@ def close_active_loaders() -> None:
 class DataWorkerError(RuntimeError):
     """A DataLoader worker process died (killed by a signal, out of host memory...); names the shards it read."""
 
+
+TRANSFER_ERRORS = (EOFError, ConnectionError)
+"""How a batch transfer cut by a worker's death surfaces in the rank (the worker's end of a pipe or of the socket
+that passes a tensor's file descriptor closes)."""
+
+DEATH_GRACE_S = 5.0
+"""How long a transfer error waits for its worker to be seen dead. The kernel closes a killed process's files before
+the process can be reaped, so the rank can read EOF while ``is_alive()`` still says True."""
 
 _ACTIVE: List["NamedWorkerErrors"] = []  # the training loader being iterated in this process
 
@@ -108,9 +117,24 @@ class NamedWorkerErrors:
     def _dead_worker(self, error: BaseException) -> Optional[DataWorkerError]:
         """A :class:`DataWorkerError` for an error of the loader's own ``next()`` while one of its workers is dead (a
         worker killed while it hands a batch over surfaces as an ``EOFError`` or ``ConnectionResetError`` of the
-        transfer, before PyTorch's own liveness check); None while every worker lives."""
-        dead = [str(w.pid) for w in getattr(self._it, "_workers", None) or [] if not w.is_alive()]
-        if not dead or isinstance(error, DataWorkerError):
+        transfer, before PyTorch's own liveness check); None while every worker lives. A transfer error
+        (:data:`TRANSFER_ERRORS`) waits up to :data:`DEATH_GRACE_S` for the worker's death to become visible."""
+        if isinstance(error, DataWorkerError):
+            return None
+        workers = getattr(self._it, "_workers", None) or []
+        deadline = time.monotonic() + (DEATH_GRACE_S if isinstance(error, TRANSFER_ERRORS) else 0.0)
+        try:
+            while True:
+                dead = [str(w.pid) for w in workers if not w.is_alive()]
+                if dead or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        except RuntimeError as e:  # PyTorch's SIGCHLD handler saw the death first, during the wait
+            named = self.explain(e)
+            if named is None:
+                raise
+            return named
+        if not dead:
             return None
         return DataWorkerError(self._describe(self._it, ", ".join(dead), self._last,
                                               f"{type(error).__name__}: {error}"))
