@@ -158,6 +158,7 @@ def test_quadtree_dtp_vit_trains_a_step():
     assert out.shape == (2, model.visual.output_dim) and visual.conv1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # a grid of real training runs
 def test_ablate_runs_the_grid_once_and_refuses_a_bad_knob_before_running(tmp_path, capsys):
     from harness.tools.ablate import main
 

@@ -135,6 +135,7 @@ def test_checkpoint_wrapper_counts_blocks_and_keeps_state_dict_keys():
     assert all(type(b).__name__ == "ResidualAttentionBlock" for b in model.visual.transformer.resblocks)
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels for each block: most of a minute on two cores
 def test_compiled_blocks_match_eager():
     """``model.compile=true`` compiles each block in place (inductor, CPU); forward and gradients match
     eager to 1e-5 relative, state-dict keys are unchanged."""
