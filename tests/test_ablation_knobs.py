@@ -159,7 +159,7 @@ def test_quadtree_dtp_vit_trains_a_step():
 
 
 @pytest.mark.slow  # a grid of real training runs
-def test_ablate_runs_the_grid_once_and_refuses_a_bad_knob_before_running(tmp_path, capsys):
+def test_ablate_runs_the_grid_once(tmp_path, capsys):
     from harness.tools.ablate import main
 
     out = tmp_path / "abl"
@@ -177,6 +177,11 @@ def test_ablate_runs_the_grid_once_and_refuses_a_bad_knob_before_running(tmp_pat
     assert main(base) == 0  # resumed: nothing re-run
     assert "ablate: row" not in capsys.readouterr().out
     assert (out / "runs" / "row1-s0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_ablate_refuses_a_bad_knob_before_running(tmp_path, capsys):
+    from harness.tools.ablate import main
+
     bad = ["--out", str(tmp_path / "bad"), "--knob", "data.tokenizer=grid,quadtree", "--knob",
            "data.quadtree_tokens=0,8", "--", "--config", "synthetic", "model.name=ViT-micro-8"]
     assert main(bad) == 2
